@@ -44,6 +44,45 @@ def chat(
     raise UserError("the edge runtime is not part of this release yet")
 
 
+@app.command()
+def train(
+    stage: str = typer.Argument(..., help="stage1 (projector on captions), stage2 (instructions) or lm (text only)"),
+    data: str = typer.Option(..., help="LLaVA json: stage1 captions, stage2 conversations, lm text-only records"),
+    output_dir: str = typer.Option(..., help="where the run state and the result go"),
+    llm: Optional[str] = typer.Option(None, help="LLaMA dir (stage1/2); lm: a config.json to start from"),
+    vision_tower: Optional[str] = typer.Option(None, help="CLIP vision dir"),
+    projector: Optional[str] = typer.Option(None, help="stage2: stage 1's mm_projector.bin"),
+    tokenizer: Optional[str] = typer.Option(None, help="SentencePiece model (default: the LLM dir's)"),
+    image_folder: Optional[str] = typer.Option(None, help="image paths are relative to this (default: the json's dir)"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (stage1 1e-3, stage2 2e-5)"),
+    projector_lr: Optional[float] = typer.Option(None, help="stage2 with LoRA: the projector's own lr"),
+    epochs: float = typer.Option(1.0),
+    global_batch_size: Optional[int] = typer.Option(None, help="stage1 256, stage2 128"),
+    micro_batch_size: int = typer.Option(16, help="per process; the rest is gradient accumulation"),
+    weight_decay: float = typer.Option(0.0),
+    warmup_ratio: float = typer.Option(0.03),
+    model_max_length: int = typer.Option(2048),
+    group_by_modality_length: bool = typer.Option(False),
+    gradient_checkpointing: bool = typer.Option(False),
+    bf16: str = typer.Option("auto", help="auto|on|off"),
+    lora_r: int = typer.Option(0, help="stage2: LoRA rank (0 = train the LLM in full)"),
+    lora_alpha: float = typer.Option(16.0),
+    lora_dropout: float = typer.Option(0.05),
+    fsdp: bool = typer.Option(False, help="under torchrun: shard the model with FSDP instead of DDP"),
+    save_every: int = typer.Option(100, help="checkpoint every N optimizer steps"),
+    resume: bool = typer.Option(False, help="continue the run in --output-dir from its last checkpoint"),
+    seed: int = typer.Option(42),
+):
+    """Train with LLaVA-1.5's recipe (run under torchrun for several processes)."""
+    from .train.recipe import TrainConfig
+    from .train.recipe import train as run_training
+
+    cfg = TrainConfig(**{k: v for k, v in locals().items() if k in TrainConfig.__dataclass_fields__})
+    result = run_training(cfg)
+    typer.echo(f"{stage}: {result['steps']} steps, final loss {result['history'][-1]['loss']:.4f} -> {output_dir}"
+               if result["history"] else f"{stage}: nothing left to train in {output_dir}")
+
+
 def main() -> None:
     try:
         app()

@@ -32,6 +32,7 @@ def make_hf_model(
     rope_theta=10000.0,
     tied=False,
     seed=0,
+    vocab_size=320,
 ) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
@@ -39,7 +40,7 @@ def make_hf_model(
         image_size=image_size, patch_size=14, projection_dim=16,
     )
     text = LlamaConfig(
-        vocab_size=320, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=kv_heads, rope_theta=rope_theta,
         tie_word_embeddings=tied, max_position_embeddings=256,
     )

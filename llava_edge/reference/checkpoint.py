@@ -22,7 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import (
+    CLIP_MEAN,
+    CLIP_STD,
     LlavaConfig,
+    VisionConfig,
     config_from_liuhaotian,
     config_from_llava_hf,
     is_liuhaotian,
@@ -31,6 +34,7 @@ from ..config import (
 )
 from ..errors import CheckpointError
 from .llava import Llava
+from .vision import VisionTransformer
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14-336"
 
@@ -300,8 +304,7 @@ def load_checkpoint(
 # ----------------------------------------------------------------------------- saving
 
 
-def clip_vision_config_dict(cfg: LlavaConfig) -> dict:
-    v = cfg.vision
+def clip_vision_config_dict(v: VisionConfig) -> dict:
     return {
         "architectures": ["CLIPVisionModel"],
         "model_type": "clip_vision_model",
@@ -317,8 +320,8 @@ def clip_vision_config_dict(cfg: LlavaConfig) -> dict:
     }
 
 
-def preprocessor_config_dict(cfg: LlavaConfig) -> dict:
-    s = cfg.vision.image_size
+def preprocessor_config_dict(image_size: int, mean, std) -> dict:
+    s = image_size
     return {
         "image_processor_type": "CLIPImageProcessor",
         "do_resize": True,
@@ -328,20 +331,24 @@ def preprocessor_config_dict(cfg: LlavaConfig) -> dict:
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": list(cfg.image_mean),
-        "image_std": list(cfg.image_std),
+        "image_mean": list(mean),
+        "image_std": list(std),
         "do_convert_rgb": True,
         "resample": 3,
     }
 
 
-def save_clip_vision(model: Llava, out_dir: Path, dtype: torch.dtype | None = None) -> None:
-    """The vision tower as a transformers CLIPVisionModel directory."""
+def save_clip_vision(
+    vision: VisionTransformer, out_dir: Path, mean=CLIP_MEAN, std=CLIP_STD, dtype: torch.dtype | None = None
+) -> None:
+    """A vision tower as a transformers CLIPVisionModel directory (+ its preprocessor config)."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {"vision_model." + k: v for k, v in model.vision.state_dict().items()}
+    tensors = {"vision_model." + k: v for k, v in vision.state_dict().items()}
     _save_safetensors(tensors, out_dir / "model.safetensors", dtype)
-    (out_dir / "config.json").write_text(json.dumps(clip_vision_config_dict(model.cfg), indent=2))
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor_config_dict(model.cfg), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(clip_vision_config_dict(vision.cfg), indent=2))
+    pre = preprocessor_config_dict(vision.cfg.image_size, mean, std)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
 
 
 def liuhaotian_config_dict(cfg: LlavaConfig, vision_tower: str) -> dict:
@@ -395,7 +402,7 @@ def save_liuhaotian(
     tensors.update(projector_state_liuhaotian(model))
     _save_safetensors(tensors, out_dir / "model.safetensors", dtype)
     (out_dir / "config.json").write_text(json.dumps(liuhaotian_config_dict(model.cfg, "clip"), indent=2))
-    save_clip_vision(model, out_dir / "clip", dtype)
+    save_clip_vision(model.vision, out_dir / "clip", model.cfg.image_mean, model.cfg.image_std, dtype)
     if tokenizer_path is not None:
         (out_dir / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
 
@@ -409,4 +416,107 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, dtype: torch
         out[k] = v.contiguous()
     tmp = path.with_suffix(".tmp")
     save_file(out, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- parts for training
+
+
+def llama_config_dict(cfg: LlavaConfig) -> dict:
+    t = cfg.text
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers,
+        "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": t.rope_theta,
+        "max_position_embeddings": t.max_position_embeddings,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+    }
+
+
+def save_llama(language: torch.nn.Module, text_cfg, out_dir: Path, tokenizer_path: Path | None = None) -> None:
+    """A language model alone as a transformers LlamaForCausalLM directory (the "Vicuna" of a world)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {"model." + k: v for k, v in language.state_dict().items() if not k.startswith("lm_head.")}
+    if not text_cfg.tie_word_embeddings:
+        tensors["lm_head.weight"] = language.lm_head.weight
+    _save_safetensors(tensors, out_dir / "model.safetensors", None)
+    (out_dir / "config.json").write_text(json.dumps(llama_config_dict(LlavaConfig(text=text_cfg)), indent=2))
+    if tokenizer_path is not None:
+        (out_dir / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
+
+
+def assemble_llava(
+    llm: str | os.PathLike,
+    vision_tower: str | os.PathLike,
+    projector: str | os.PathLike | None = None,
+    projector_type: str = "mlp2x_gelu",
+    feature_layer: int = -2,
+    select_feature: str = "patch",
+    aspect: str = "pad",
+) -> tuple[Llava, LlavaConfig]:
+    """A LLaVA model from its parts, as training starts: an LLM dir, a CLIP dir and optionally a
+    stage-1 projector (`mm_projector.bin`); without one the projector keeps its random init."""
+    llm_dir = resolve_checkpoint(llm, "language model")
+    clip_dir = resolve_checkpoint(vision_tower, "vision tower")
+    llm_raw = read_json(llm_dir / "config.json")
+    raw = {
+        **llm_raw,
+        "mm_vision_tower": str(clip_dir),
+        "mm_projector_type": projector_type,
+        "mm_vision_select_layer": feature_layer,
+        "mm_vision_select_feature": select_feature,
+        "image_aspect_ratio": aspect,
+    }
+    clip_pre = _optional_json(clip_dir / "preprocessor_config.json")
+    cfg = config_from_liuhaotian(raw, read_json(clip_dir / "config.json"), clip_pre)
+    model = Llava(cfg)  # real init: the projector starts from nn.Linear's default init, as in LLaVA
+    expected = model.state_dict()
+    found: dict[str, torch.Tensor] = {}
+    for files, mapper in ((weight_files(clip_dir), map_clip_key), (weight_files(llm_dir), map_liuhaotian_key)):
+        for key, path, tf in iter_tensors(files):
+            name = mapper(key)
+            if name is None:
+                continue
+            if name not in expected or tf.shape(key) != tuple(expected[name].shape):
+                raise CheckpointError(f"{path}: tensor {key!r} does not fit the assembled model")
+            found[name] = tf.get(key)
+    if projector is not None:
+        state = load_bin(Path(projector)) if str(projector).endswith(".bin") else dict(_st_items(Path(projector)))
+        for key, tensor in state.items():
+            name = map_liuhaotian_key(key)
+            if name not in expected or not name.startswith("projector."):
+                raise CheckpointError(f"{projector}: unexpected tensor {key!r} in a projector file")
+            found[name] = tensor
+    needed = [k for k in expected if not k.startswith("projector.") or projector is not None]
+    if cfg.text.tie_word_embeddings:
+        needed = [k for k in needed if k != "language.lm_head.weight"]
+    missing = [k for k in needed if k not in found]
+    if missing:
+        raise CheckpointError(f"{llm_dir} / {clip_dir}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
+    model.load_state_dict(found, strict=False)
+    return model, cfg
+
+
+def _st_items(path: Path):
+    tf = TensorFile(path)
+    for key in tf.keys():
+        yield key, tf.get(key)
+
+
+def save_projector(model: Llava, path: Path) -> None:
+    """Stage-1 output: the projector alone, under LLaVA's `model.mm_projector.*` names."""
+    tmp = Path(path).with_suffix(".tmp")
+    torch.save({k: v.detach().clone() for k, v in projector_state_liuhaotian(model).items()}, tmp)
     tmp.replace(path)

@@ -116,12 +116,7 @@ class Llava(nn.Module):
             image_embeds = self.encode_images(pixel_values)
         mm = self.embed(input_ids, image_embeds, labels, attn_2d)
         logits = self.language(mm.inputs_embeds, mm.attn_2d)
-        loss = None
-        if mm.labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), mm.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
-        return logits, loss
+        return logits, causal_lm_loss(logits, mm.labels)
 
     @torch.no_grad()
     def generate(
@@ -151,6 +146,15 @@ class Llava(nn.Module):
             x = self.language.embed_tokens(torch.tensor([[token]], device=input_ids.device))
             logits = self.language(x, cache=cache)[:, -1]
         return out
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean next-token cross-entropy over the supervised positions (labels != IGNORE_INDEX)."""
+    if labels is None:
+        return None
+    if not (labels[:, 1:] != IGNORE_INDEX).any():  # e.g. an answer truncated away: no signal, no NaN
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> int:

@@ -1,0 +1,451 @@
+"""LLaVA-1.5's two-stage recipe, one process or many (torchrun: DDP, or FSDP for large models).
+
+stage1  vision and LLM frozen, projector trained on captions (plain template)   -> mm_projector.bin
+stage2  projector + LLM trained (or LoRA on the LLM) on instructions (vicuna_v1) -> a liuhaotian checkpoint
+lm      a language model alone, from scratch, on text (the "Vicuna" of a world that has none)
+
+Global batch = micro batch x gradient accumulation x world size. Every `save_every` steps (and on
+Ctrl-C) the trainable weights, optimizer, step and RNG state are saved; `resume` continues the same
+loss curve from there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import TextConfig
+from ..errors import UserError
+from ..reference.checkpoint import assemble_llava, save_liuhaotian, save_llama, save_projector
+from ..reference.llama import Llama
+from ..reference.llava import Llava, causal_lm_loss
+from .data import LlavaDataset, collate, load_llava_json, modality_length_grouped_batches
+from .lora import add_lora, merge_lora
+
+STAGE_DEFAULTS = {
+    "stage1": dict(lr=1e-3, template="plain", global_batch_size=256),
+    "stage2": dict(lr=2e-5, template="vicuna_v1", global_batch_size=128),
+    "lm": dict(lr=1e-3, template="vicuna_v1", global_batch_size=64),
+}
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    data: str
+    output_dir: str
+    image_folder: str | None = None  # default: the data json's folder
+    llm: str | None = None  # LLaMA dir (stage1/2); for "lm" an optional config.json to start from
+    vision_tower: str | None = None
+    projector: str | None = None  # stage2: stage1's mm_projector.bin
+    tokenizer: str | None = None  # default: the LLM dir's tokenizer.model
+    text_config: dict = field(default_factory=dict)  # "lm": TextConfig fields
+    template: str | None = None
+    lr: float | None = None
+    projector_lr: float | None = None  # stage2 with LoRA: LLaVA's mm_projector_lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    epochs: float = 1.0
+    global_batch_size: int | None = None
+    micro_batch_size: int = 16
+    model_max_length: int = 2048
+    group_by_modality_length: bool = False
+    gradient_checkpointing: bool = False
+    bf16: str = "auto"  # auto = on CUDA devices that support it
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    fsdp: bool = False
+    save_every: int = 100
+    resume: bool = False
+    seed: int = 42
+    num_workers: int = 0
+    log_every: int = 1
+    progress: bool = True
+    stop_after_steps: int | None = None  # stop (with a checkpoint) as if killed there; for tests
+
+    def __post_init__(self):
+        if self.stage not in STAGE_DEFAULTS:
+            raise UserError(f"unknown stage {self.stage!r} (expected stage1, stage2 or lm)")
+        for key, value in STAGE_DEFAULTS[self.stage].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+
+# ----------------------------------------------------------------------------- distributed setup
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), world, local_rank, device)
+
+
+def all_mean(value: float, d: Dist) -> float:
+    if d.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / d.world
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class TextOnly(torch.nn.Module):
+    """The language model alone with Llava's training signature (stage "lm")."""
+
+    def __init__(self, language: Llama):
+        super().__init__()
+        self.language = language
+
+    def forward(self, input_ids, pixel_values=None, labels=None, attn_2d=None):
+        logits = self.language(self.language.embed_tokens(input_ids), attn_2d)
+        return logits, causal_lm_loss(logits, labels)
+
+
+def build_model(cfg: TrainConfig):
+    """(model, llava config or None, tokenizer path, lr per trainable parameter name), with everything
+    frozen that the stage freezes. Groups are by name: FSDP replaces the parameter objects."""
+    if cfg.stage == "lm":
+        text_fields = dict(cfg.text_config)
+        if cfg.llm:
+            text_fields = {**json.loads(Path(cfg.llm).read_text()), **text_fields}
+        text = TextConfig(**{k: v for k, v in text_fields.items() if k in TextConfig.__dataclass_fields__})
+        model = TextOnly(Llama(text))
+        if not cfg.tokenizer:
+            raise UserError("stage lm needs --tokenizer (a SentencePiece model)")
+        return model, None, Path(cfg.tokenizer), {n: cfg.lr for n, _ in model.named_parameters()}
+
+    if not cfg.llm or not cfg.vision_tower:
+        raise UserError(f"{cfg.stage} needs --llm DIR and --vision-tower DIR")
+    projector = cfg.projector if cfg.stage == "stage2" else None
+    if cfg.stage == "stage2" and projector is None:
+        raise UserError("stage2 starts from stage 1's projector: pass --projector PATH/mm_projector.bin")
+    model, llava_cfg = assemble_llava(cfg.llm, cfg.vision_tower, projector)
+    tokenizer = Path(cfg.tokenizer) if cfg.tokenizer else Path(cfg.llm) / "tokenizer.model"
+    if not tokenizer.exists():
+        raise UserError(f"{tokenizer}: tokenizer not found (pass --tokenizer)")
+
+    model.requires_grad_(False)
+    model.projector.requires_grad_(True)
+    projector_lr = cfg.lr
+    if cfg.stage == "stage2":
+        if cfg.lora_r > 0:
+            add_lora(model.language, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+            for name, p in model.language.named_parameters():
+                p.requires_grad_("lora_" in name)
+            projector_lr = cfg.projector_lr or cfg.lr
+        else:
+            model.language.requires_grad_(True)
+    lrs = {n: (projector_lr if n.startswith("projector.") else cfg.lr) for n, p in model.named_parameters() if p.requires_grad}
+    return model, llava_cfg, tokenizer, lrs
+
+
+def param_groups(wrapped, lrs: dict[str, float]) -> list[dict]:
+    module = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
+    groups: dict[float, list] = {}
+    for name, p in module.named_parameters():
+        if name in lrs:
+            groups.setdefault(lrs[name], []).append(p)
+    return [{"params": params, "lr": lr} for lr, params in groups.items()]
+
+
+def wrap_distributed(model, cfg: TrainConfig, d: Dist):
+    model.to(d.device)
+    if d.world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.language.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_batches(dataset: LlavaDataset, cfg: TrainConfig, world: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of one epoch in consumption order: consecutive runs of `world` belong to one
+    optimizer micro-step, batch j of a run to rank j. The same for every rank (seeded by epoch)."""
+    g = torch.Generator().manual_seed(cfg.seed + epoch)
+    if cfg.group_by_modality_length:
+        return modality_length_grouped_batches(dataset.modality_lengths(), cfg.micro_batch_size, world, g)
+    order = torch.randperm(len(dataset), generator=g).tolist()
+    mb = cfg.micro_batch_size
+    return [order[i : i + mb] for i in range(0, len(order) - mb + 1, mb)]
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the base lr: linear warmup, then cosine to zero (HF's cosine schedule)."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_state(run_dir: Path, model, optimizer, step: int, d: Dist) -> None:
+    """Trainable weights + optimizer (torch.distributed.checkpoint: works for 1 process, DDP and FSDP),
+    step and per-rank RNG. Written to a temp dir and renamed, so a kill mid-save keeps the last one."""
+    final, tmp = run_dir / "last", run_dir / "last.tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    opts = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    with warnings.catch_warnings():  # dcp warns that a single process saves alone: intended
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}, tmp / f"rng_rank{d.rank}.pt")
+    barrier(d)
+    if d.main:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    barrier(d)
+
+
+def load_state(run_dir: Path, model, optimizer, d: Dist) -> int:
+    last = run_dir / "last"
+    if not (last / "trainer_state.json").exists():
+        return 0
+    opts = StateDictOptions(ignore_frozen_params=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
+    state = {"model": model_sd, "optim": optim_sd}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(last / "dcp"))
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        options=StateDictOptions(ignore_frozen_params=True, strict=False),  # frozen weights come from their files
+    )
+    rng = torch.load(last / f"rng_rank{d.rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((last / "trainer_state.json").read_text())["step"]
+
+
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+def trainable_weights(wrapped) -> dict[str, torch.Tensor]:
+    """This rank's full copy of every trainable tensor (FSDP shards gathered: collective)."""
+    module = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
+    out = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name] = t.detach().cpu().clone()
+    return out
+
+
+def full_state_model(wrapped, cfg: TrainConfig, llava_cfg, d: Dist):
+    """The plain module with full weights, on rank 0 (None elsewhere). Collective under FSDP."""
+    if isinstance(wrapped, DistributedDataParallel):
+        return wrapped.module if d.main else None
+    if not (d.world > 1 and cfg.fsdp):
+        return wrapped
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(wrapped, options=opts)
+    if not d.main:
+        return None
+    with torch.device("meta"):
+        plain = TextOnly(Llama(wrapped.language.cfg)) if cfg.stage == "lm" else Llava(llava_cfg)
+    if cfg.stage == "stage2" and cfg.lora_r > 0:
+        add_lora(plain.language, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    plain.load_state_dict(full, assign=True)
+    return plain
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def train(cfg: TrainConfig) -> dict:
+    d = init_distributed()
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    run_dir = out / "run"
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if not cfg.resume and (run_dir / "last").exists():
+        raise UserError(f"{run_dir / 'last'} exists: pass --resume to continue that run, or pick a new --output-dir")
+
+    model, llava_cfg, tokenizer_path, lrs = build_model(cfg)
+    if cfg.gradient_checkpointing:
+        model.language.gradient_checkpointing = True
+    dataset = make_dataset(cfg, llava_cfg, tokenizer_path)
+
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * d.world)
+    if accum < 1 or accum * cfg.micro_batch_size * d.world != cfg.global_batch_size:
+        raise UserError(
+            f"global batch {cfg.global_batch_size} is not a multiple of micro batch {cfg.micro_batch_size} x {d.world} processes"
+        )
+    batches_per_epoch = len(epoch_batches(dataset, cfg, d.world, 0)) // d.world
+    steps_per_epoch = batches_per_epoch // accum
+    total_steps = max(1, math.floor(steps_per_epoch * cfg.epochs))
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    model.train()
+    wrapped = wrap_distributed(model, cfg, d)
+    groups = param_groups(wrapped, lrs)
+    params = [p for g in groups for p in g["params"]]
+    base_lrs = [g["lr"] for g in groups]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    start = load_state(run_dir, wrapped, optimizer, d) if cfg.resume else 0
+    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and d.device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+    bar = None
+    if cfg.progress and d.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
+    metrics_path = run_dir / "metrics.jsonl"
+    history = []
+    step = start
+    try:
+        while step < total_steps:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            order = epoch_batches(dataset, cfg, d.world, epoch)
+            first = in_epoch * accum * d.world
+            micro = order[first : first + accum * d.world][d.rank :: d.world]
+            t0 = time.perf_counter()
+            lr_scale = cosine_lr(step, total_steps, warmup)
+            for g, base_lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = base_lr * lr_scale
+            loss_sum, n_samples = 0.0, 0
+            for i, indices in enumerate(micro):
+                batch = collate([dataset[j] for j in indices], pad_id=0)
+                sync = i == len(micro) - 1
+                with maybe_no_sync(wrapped, sync, d, cfg):
+                    with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        _, loss = wrapped(
+                            batch["input_ids"].to(d.device),
+                            pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(d.device),
+                            labels=batch["labels"].to(d.device),
+                            attn_2d=batch["attention_mask"].to(d.device),
+                        )
+                    (loss / accum).backward()
+                loss_sum += loss.item()
+                n_samples += len(indices)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_avg = all_mean(loss_sum / len(micro), d)
+            rate = n_samples * d.world / (time.perf_counter() - t0)
+            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_avg,
+                      "lr": optimizer.param_groups[0]["lr"], "samples_per_s": round(rate, 2)}
+            history.append(record)
+            if d.main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.1f}")
+            if step % cfg.save_every == 0 or step == total_steps or step == cfg.stop_after_steps:
+                save_state(run_dir, wrapped, optimizer, step, d)
+            if step == cfg.stop_after_steps:
+                return {"stopped_at": step, "history": history}
+    except KeyboardInterrupt:
+        if step > start:
+            save_state(run_dir, wrapped, optimizer, step, d)
+        raise UserError(f"interrupted at step {step}; continue with --resume (state in {run_dir / 'last'})") from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+    trainable = trainable_weights(wrapped)
+    plain = full_state_model(wrapped, cfg, llava_cfg, d)
+    if d.main:
+        save_output(cfg, plain, llava_cfg, tokenizer_path, out)
+    barrier(d)
+    return {"steps": step, "history": history, "output_dir": str(out), "model": plain, "trainable": trainable}
+
+
+def maybe_no_sync(wrapped, sync: bool, d: Dist, cfg: TrainConfig):
+    """Skip DDP's gradient all-reduce on accumulation micro-steps (FSDP2 reduces every backward)."""
+    import contextlib
+
+    if d.world > 1 and not sync and isinstance(wrapped, DistributedDataParallel):
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def make_dataset(cfg: TrainConfig, llava_cfg, tokenizer_path: Path) -> LlavaDataset:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
+    records = load_llava_json(cfg.data)
+    if cfg.stage == "lm":
+        records = [r for r in records if "image" not in r]
+        if not records:
+            raise UserError(f"{cfg.data}: stage lm needs text-only records (no 'image' key)")
+    kwargs = {}
+    if llava_cfg is not None:
+        kwargs = dict(
+            image_size=llava_cfg.vision.image_size, mean=llava_cfg.image_mean, std=llava_cfg.image_std,
+            aspect=llava_cfg.aspect, image_token_id=llava_cfg.image_token_index,
+        )
+    return LlavaDataset(
+        records, cfg.template, sp.encode, sp.bos_id(), sp.eos_id(),
+        image_folder=cfg.image_folder or Path(cfg.data).parent, model_max_length=cfg.model_max_length, **kwargs,
+    )
+
+
+def save_output(cfg: TrainConfig, model, llava_cfg, tokenizer_path: Path, out: Path) -> None:
+    if cfg.stage == "lm":
+        save_llama(model.language, model.language.cfg, out, tokenizer_path)
+    elif cfg.stage == "stage1":
+        save_projector(model, out / "mm_projector.bin")
+    else:
+        merge_lora(model.language)
+        save_liuhaotian(model, out, tokenizer_path)
