@@ -83,6 +83,35 @@ def train(
                if result["history"] else f"{stage}: nothing left to train in {output_dir}")
 
 
+@app.command("eval")
+def eval_(
+    ckpt: str = typer.Option(..., help="checkpoint dir or name"),
+    data: str = typer.Option(..., help="test json with question_type and answer per record (shapes world)"),
+    vision_tower: Optional[str] = typer.Option(None, help="CLIP vision dir for liuhaotian checkpoints"),
+    limit: Optional[int] = typer.Option(None, help="only the first N records"),
+    predictions: Optional[str] = typer.Option(None, help="write one jsonl line per answer here"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Accuracy per question type and POPE-style yes/no F1 of a checkpoint (reference model, greedy)."""
+    from .train.evaluate import evaluate, format_table, write_predictions
+
+    result = evaluate(ckpt, data, vision_tower=vision_tower, limit=limit)
+    if predictions:
+        write_predictions(result, predictions)
+    typer.echo(json.dumps(result.summary(), indent=2) if as_json else format_table(result))
+
+
+@app.command()
+def build_demo(
+    out_dir: str = typer.Option("runs/demo", help="work dir: data, parts, stages, report"),
+    install: bool = typer.Option(True, help="copy the fp16 checkpoint into the package's assets"),
+):
+    """Rebuild the demo model from nothing on CPU (shapes world, CLIP tower, LM, stage 1, stage 2, eval)."""
+    from .train.demo import DemoConfig, build_demo as run
+
+    run(DemoConfig(out_dir=out_dir, install=install))
+
+
 def main() -> None:
     try:
         app()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from spm_fixture import load_hf_llama_tokenizer, llava_tokenizer_image_token, load_spm, train_tiny_spm
+from spm_fixture import load_hf_llama_tokenizer, llava_tokenizer_image_token
 
 from llava_edge.conversation import (
     IMAGE_TOKEN_INDEX,
@@ -77,18 +77,6 @@ def test_only_last_turn_may_be_open():
 
 
 # ---- tokenize_prompt vs LLaVA's tokenizer_image_token ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("spm")
-    train_tiny_spm(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def sp(model_dir):
-    return load_spm(model_dir / "tokenizer.model")
 
 
 @pytest.fixture(scope="module")

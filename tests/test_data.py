@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from spm_fixture import load_hf_llama_tokenizer, llava_tokenizer_image_token, load_spm, train_tiny_spm
+from spm_fixture import load_hf_llama_tokenizer, llava_tokenizer_image_token
 
 from llava_edge.errors import UserError
 from llava_edge.image import load_image, preprocess
@@ -31,18 +31,6 @@ SYSTEM = (
     " detailed, and polite answers to the user's questions."
 )
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("spm")
-    train_tiny_spm(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def sp(model_dir):
-    return load_spm(model_dir / "tokenizer.model")
 
 
 def conv(*values):

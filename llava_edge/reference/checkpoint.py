@@ -352,24 +352,10 @@ def save_clip_vision(
 
 
 def liuhaotian_config_dict(cfg: LlavaConfig, vision_tower: str) -> dict:
-    t = cfg.text
     return {
+        **llama_config_dict(cfg),
         "architectures": ["LlavaLlamaForCausalLM"],
         "model_type": "llava",
-        "vocab_size": t.vocab_size,
-        "hidden_size": t.hidden_size,
-        "intermediate_size": t.intermediate_size,
-        "num_hidden_layers": t.num_hidden_layers,
-        "num_attention_heads": t.num_attention_heads,
-        "num_key_value_heads": t.num_key_value_heads,
-        "hidden_act": "silu",
-        "rms_norm_eps": t.rms_norm_eps,
-        "rope_theta": t.rope_theta,
-        "max_position_embeddings": t.max_position_embeddings,
-        "tie_word_embeddings": t.tie_word_embeddings,
-        "bos_token_id": t.bos_token_id,
-        "eos_token_id": t.eos_token_id,
-        "pad_token_id": t.pad_token_id,
         "mm_vision_tower": vision_tower,
         "mm_hidden_size": cfg.projector.in_features,
         "mm_projector_type": cfg.projector.type,

@@ -1,0 +1,124 @@
+"""Rebuild the shipped demo model from nothing: shapes world -> CLIP tower -> "Vicuna" -> stage 1 -> stage 2.
+
+No pretrained weights exist for the shapes world, so the two pretrained parts LLaVA starts from are made
+here first: a CLIP vision tower (contrastive objective) and a small LLaMA trained on the world's text
+(its "Vicuna"). Then LLaVA-1.5's two stages run as they do for the real model; only the sizes and learning
+rates are the demo's (a few-million-parameter model trained from scratch, not a 7B one fine-tuned).
+Each step is skipped when its output exists, so an interrupted build continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import TextConfig
+from ..reference.checkpoint import load_checkpoint, save_liuhaotian
+from .clip_pretrain import ClipTrainConfig, train_clip
+from .evaluate import evaluate, format_table, write_predictions
+from .recipe import TrainConfig, train
+from .shapes import build_dataset
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo" / "checkpoint"
+
+
+def demo_text_config() -> dict:
+    return asdict(TextConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
+    ))
+
+
+@dataclass
+class DemoConfig:
+    out_dir: str = "runs/demo"
+    n_train_images: int = 3000
+    n_test_images: int = 300
+    seed: int = 0
+    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    text: dict = field(default_factory=demo_text_config)
+    lm_epochs: float = 2.0
+    lm_lr: float = 2e-3
+    stage1_epochs: float = 1.0
+    stage1_lr: float = 1e-3
+    stage2_epochs: float = 3.0
+    stage2_lr: float = 5e-4
+    micro_batch_size: int = 16
+    stage1_batch: int = 32
+    stage2_batch: int = 32
+    install: bool = True  # copy the fp16 checkpoint into the package
+
+
+def text_only_records(stage2_json: Path, out_json: Path) -> Path:
+    """The instruction conversations without their images: what the world's "Vicuna" reads."""
+    records = json.loads(stage2_json.read_text())
+    text = []
+    for r in records:
+        turns = [dict(t, value=t["value"].replace("<image>\n", "").replace("<image>", "")) for t in r["conversations"]]
+        text.append({"id": r["id"] + "_text", "conversations": turns})
+    out_json.write_text(json.dumps(text))
+    return out_json
+
+
+def step(name: str, done: Path, report: dict, fn):
+    if done.exists():
+        print(f"[demo] {name}: done already ({done})")
+        return
+    print(f"[demo] {name} ...")
+    t0 = time.perf_counter()
+    fn()
+    report["seconds"][name] = round(time.perf_counter() - t0, 1)
+
+
+def build_demo(cfg: DemoConfig) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    report_path = out / "demo_report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {"seconds": {}}
+    report["config"] = asdict(cfg)
+    data = out / "data"
+
+    step("shapes world", data / "test.json", report,
+         lambda: build_dataset(data, cfg.n_train_images, cfg.n_test_images, seed=cfg.seed))
+    step("CLIP tower", out / "clip" / "clip_train.json", report, lambda: train_clip(cfg.clip, data, out / "clip"))
+    text_json = text_only_records(data / "stage2.json", out / "text.json")
+    common = dict(micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, save_every=50, resume=True)
+    step("language model", out / "llm" / "model.safetensors", report, lambda: train(TrainConfig(
+        stage="lm", data=str(text_json), output_dir=str(out / "llm"), tokenizer=str(data / "tokenizer.model"),
+        text_config=cfg.text, lr=cfg.lm_lr, epochs=cfg.lm_epochs, global_batch_size=cfg.stage2_batch, **common)))
+    step("stage 1", out / "stage1" / "mm_projector.bin", report, lambda: train(TrainConfig(
+        stage="stage1", data=str(data / "stage1.json"), output_dir=str(out / "stage1"), llm=str(out / "llm"),
+        vision_tower=str(out / "clip"), lr=cfg.stage1_lr, epochs=cfg.stage1_epochs,
+        global_batch_size=cfg.stage1_batch, **common)))
+    step("stage 2", out / "stage2" / "model.safetensors", report, lambda: train(TrainConfig(
+        stage="stage2", data=str(data / "stage2.json"), output_dir=str(out / "stage2"), llm=str(out / "llm"),
+        vision_tower=str(out / "clip"), projector=str(out / "stage1" / "mm_projector.bin"), lr=cfg.stage2_lr,
+        epochs=cfg.stage2_epochs, global_batch_size=cfg.stage2_batch, **common)))
+
+    checkpoint = out / "checkpoint"
+    step("fp16 checkpoint", checkpoint / "model.safetensors", report, lambda: save_liuhaotian(
+        load_checkpoint(out / "stage2").model, checkpoint, data / "tokenizer.model", dtype=torch.float16))
+
+    t0 = time.perf_counter()
+    result = evaluate(checkpoint, data / "test.json")
+    report["seconds"]["eval"] = round(time.perf_counter() - t0, 1)
+    write_predictions(result, out / "test_predictions.jsonl")
+    report["eval"] = result.summary()
+    report["eval_table"] = format_table(result)
+    report["checkpoint_bytes"] = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file())
+    report_path.write_text(json.dumps(report, indent=2))
+    print(report["eval_table"])
+
+    if cfg.install:
+        shutil.rmtree(ASSETS, ignore_errors=True)
+        shutil.copytree(checkpoint, ASSETS)
+        (ASSETS / "demo_report.json").write_text(json.dumps(
+            {k: report[k] for k in ("seconds", "eval", "eval_table", "checkpoint_bytes", "config")}, indent=2))
+        print(f"[demo] installed the checkpoint in {ASSETS}")
+    return report
