@@ -28,6 +28,26 @@ def info(
 
 
 @app.command()
+def export(
+    ckpt: str = typer.Option(..., help="checkpoint dir or name (llava-hf or liuhaotian layout; local or HF cache)"),
+    out: str = typer.Option(..., help="bundle dir to write (atomically)"),
+    quant: str = typer.Option("Q4_K_M", help="Q4_K_M|Q4_0|Q5_K_M|Q8_0|F16|F32"),
+    vision_precision: str = typer.Option("auto", help="auto|fp32|fp16|int8 (auto: int8 only at cosine >= 0.999)"),
+    vision_tower: Optional[str] = typer.Option(None, help="CLIP vision dir for liuhaotian checkpoints"),
+    mmproj: bool = typer.Option(False, help="also write a llama.cpp mmproj GGUF of the same vision weights"),
+    overwrite: bool = typer.Option(False, help="replace an existing bundle dir"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime / llama.cpp"),
+):
+    """Checkpoint -> edge bundle: vision ONNX + 4-bit GGUF decoder + manifest with measured parity."""
+    from .export.pipeline import ExportOptions, export_bundle
+
+    manifest = export_bundle(ExportOptions(ckpt, out, quant, vision_precision, vision_tower, mmproj, overwrite, threads))
+    p = manifest["parity"]
+    typer.echo(f"wrote {out}: vision {manifest['vision']['precision']} (cosine {p['vision']['cosine_min']:.6f}), "
+               f"decoder {manifest['decoder']['quant']}")
+
+
+@app.command()
 def chat(
     image: Path = typer.Argument(..., help="an image file"),
     bundle: Optional[Path] = typer.Option(None, help="edge bundle dir (default: the demo bundle)"),

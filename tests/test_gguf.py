@@ -21,12 +21,6 @@ from gguf import GGMLQuantizationType, GGUFReader, TokenType
 from gguf.quants import dequantize
 from spm_fixture import train_tiny_spm
 from tiny_checkpoints import save_full_clip, save_hf_layout, save_liuhaotian_layout
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-)
 
 from llava_edge.conversation import TEMPLATES, render_prompt
 from llava_edge.errors import UserError
@@ -45,31 +39,11 @@ from llava_edge.quant.gguf import quantize_gguf
 from llava_edge.reference.checkpoint import load_checkpoint
 from llava_edge.runtime.decoder import Decoder
 from llava_edge.runtime.llama_loader import open_llama
+from tiny_checkpoints import make_llava
 
 HF_SP_SIZE, HF_VOCAB, HF_IMAGE, HF_PAD = 330, 384, 330, 331
 IMAGE_SIZE = 56  # 16 image tokens
 THREADS = {"n_threads": 1}
-
-
-def make_llava(vocab_size: int, image_token: int, pad_id: int | None, seed: int) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=IMAGE_SIZE, patch_size=14, projection_dim=16)
-    text = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       pad_token_id=pad_id)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # logits with std ~8 (visible differences), attention not saturated
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            elif "embed_tokens" in name or "lm_head" in name:
-                p.copy_(torch.randn_like(p) * 0.5)
-            else:
-                p.copy_(torch.randn_like(p) * 0.03)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -180,3 +180,25 @@ def save_liuhaotian_layout(model, out: Path, clip_name: str, n_shards: int = 2, 
     index = "pytorch_model.bin.index.json" if fmt == "bin" else "model.safetensors.index.json"
     (out / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return out
+
+
+def make_llava(vocab_size: int, image_token: int, pad_id: int | None, seed: int, image_size: int = 56) -> LlavaForConditionalGeneration:
+    """A tiny LLaVA whose text dims suit llama.cpp's kernels (K-quants need rows of 256)."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=14, projection_dim=16)
+    text = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       pad_token_id=pad_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # logits with std ~8 (visible differences), attention not saturated
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "embed_tokens" in name or "lm_head" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+            else:
+                p.copy_(torch.randn_like(p) * 0.03)
+    return model

@@ -1,0 +1,188 @@
+"""`llava-edge export`: checkpoint -> edge bundle (vision ONNX + decoder GGUF + manifest), measured.
+
+Every number in `manifest.parity` is measured here against the PyTorch reference on fixed inputs.
+The bundle is written into a temp dir beside the target and renamed at the end (see bundle.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..conversation import get_template, render_prompt, tokenize_prompt
+from ..errors import UserError
+from ..image import load_image, preprocess_batch
+from ..reference.checkpoint import load_checkpoint
+from .bundle import FORMAT_VERSION, file_entry, staged_dir, write_manifest
+
+CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "assets" / "calibration"
+QUANTS = ("Q4_K_M", "Q4_0", "Q5_K_M", "Q8_0", "F16", "F32")
+# Decoder parity runs the reference in fp32 beside llama.cpp: skipped when that cannot fit in RAM.
+PARITY_RAM_FRACTION = 0.6
+
+
+@dataclass
+class ExportOptions:
+    ckpt: str
+    out: str
+    quant: str = "Q4_K_M"
+    vision_precision: str = "auto"
+    vision_tower: str | None = None
+    mmproj: bool = False
+    overwrite: bool = False
+    threads: int | None = None
+    progress: bool = True
+
+
+def calibration_pixels(cfg) -> np.ndarray:
+    """Real photos shipped with the package (several aspect ratios) plus two synthetic images."""
+    images = [load_image(p) for p in sorted(CALIBRATION_DIR.glob("*")) if p.suffix in (".png", ".jpg")]
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    images.append(Image.fromarray(rng.integers(0, 256, (200, 320, 3), dtype=np.uint8)))
+    images.append(Image.new("RGB", (240, 180), (230, 60, 40)))
+    return preprocess_batch(images, cfg.vision.image_size, cfg.image_mean, cfg.image_std, cfg.aspect)
+
+
+def parity_sequence(cfg, sp, n_min: int = 64) -> list[int]:
+    """A fixed multi-turn prompt with one image, at least n_min text tokens, in the bundle's template."""
+    turns = [
+        ("Describe the image in detail, then say what colors you see.", "A red circle and a blue square."),
+        ("How many shapes are there?\nAnswer the question using a single word or phrase.", "Two"),
+        ("Is there a green triangle in the image?", None),
+    ]
+    prompt = render_prompt(cfg.template, turns, image=True)
+    ids = tokenize_prompt(prompt, sp.encode, sp.bos_id(), cfg.image_token_index, {"</s>": sp.eos_id()})
+    while sum(1 for i in ids if i != cfg.image_token_index) < n_min:
+        ids += sp.encode(" Please answer carefully.")
+    return ids
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def export_bundle(opts: ExportOptions) -> dict:
+    from ..quant.gguf import check_quant
+
+    quant = check_quant(opts.quant)
+    if opts.vision_precision not in ("auto", "fp32", "fp16", "int8"):
+        raise UserError(f"--vision-precision must be auto, fp32, fp16 or int8 (got {opts.vision_precision!r})")
+    loaded = load_checkpoint(opts.ckpt, vision_tower=opts.vision_tower)
+    if loaded.tokenizer_path is None:
+        raise UserError(f"{loaded.path}: no tokenizer.model (SentencePiece) in the checkpoint")
+    with staged_dir(Path(opts.out), overwrite=opts.overwrite) as tmp:
+        manifest = write_bundle(loaded, tmp, opts, quant)
+    return manifest
+
+
+def write_bundle(loaded, tmp: Path, opts: ExportOptions, quant: str) -> dict:
+    import sentencepiece as spm
+
+    from ..quant.gguf import quantize_gguf
+    from ..quant.onnx_vision import choose_precision
+    from .gguf_decoder import write_decoder_gguf
+    from .gguf_parity import decoder_parity, tokenizer_parity
+    from .onnx_vision import export_vision_onnx, vision_parity
+
+    cfg, model = loaded.config, loaded.model
+    model.vision.float()
+    model.projector.float()
+    say = print if opts.progress else (lambda *a, **k: None)
+
+    say("[export] vision tower + projector -> ONNX")
+    fp32_path = export_vision_onnx(model, tmp / "vision.fp32.onnx")
+    calib = calibration_pixels(cfg)
+    chosen = choose_precision(fp32_path, calib, model, opts.vision_precision, opts.threads)
+    vision_path = tmp / "vision.onnx"
+    _move_onnx(chosen.path, vision_path)
+    if chosen.path != fp32_path:
+        _remove_onnx(fp32_path)
+    vision_check = vision_parity(vision_path, model, calib, opts.threads)
+
+    say(f"[export] decoder -> GGUF {quant}")
+    base_ftype = "F32" if quant == "F32" else "F16"
+    base = write_decoder_gguf(loaded, tmp / f"decoder-{base_ftype}.gguf", base_ftype, progress=opts.progress)
+    decoder_path = tmp / f"decoder-{quant}.gguf"
+    if quant != base_ftype:
+        quantize_gguf(base, decoder_path, quant, n_threads=opts.threads, progress=opts.progress)
+        base.unlink()  # the F16 intermediate
+
+    files = {"vision": file_entry(vision_path), "decoder": file_entry(decoder_path)}
+    if opts.mmproj:
+        from .mmproj import write_mmproj
+
+        say("[export] mmproj GGUF for llama.cpp interop")
+        files["mmproj"] = file_entry(write_mmproj(model, cfg, tmp / "mmproj-f16.gguf", "f16"))
+
+    say("[export] measuring parity against the reference")
+    sp = spm.SentencePieceProcessor(model_file=str(loaded.tokenizer_path))
+    parity = {
+        "vision": {"precision": chosen.precision, **vision_check},
+        "tokenizer": tokenizer_parity(decoder_path, loaded.tokenizer_path),
+    }
+    n_params = sum(p.numel() for p in model.language.parameters())
+    if n_params * 4 + decoder_path.stat().st_size < PARITY_RAM_FRACTION * ram_bytes():
+        model.language.float()
+        ids = parity_sequence(cfg, sp)
+        with torch.no_grad():
+            embeds = model.encode_images(torch.from_numpy(calib[:1]))
+        parity["decoder"] = decoder_parity(decoder_path, model, ids, image_embeds=embeds, n_threads=opts.threads)
+        parity["decoder"].pop("mismatch_positions", None)
+    else:
+        parity["decoder"] = {"skipped": f"the fp32 reference ({n_params * 4 / 1e9:.1f} GB) does not fit beside llama.cpp here"}
+
+    manifest = build_manifest(loaded, opts, quant, files, chosen.precision, parity)
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def build_manifest(loaded, opts: ExportOptions, quant: str, files: dict, precision: str, parity: dict) -> dict:
+    cfg = loaded.config
+    from ..image import pad_color
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": {"path": str(loaded.path), "format": cfg.format},
+        "files": files,
+        "vision": {
+            "precision": precision,
+            "input": "pixel_values",
+            "output": "image_embeds",
+            "image_size": cfg.vision.image_size,
+            "patch_size": cfg.vision.patch_size,
+            "n_image_tokens": cfg.n_image_tokens,
+            "mean": list(cfg.image_mean),
+            "std": list(cfg.image_std),
+            "aspect": cfg.aspect,
+            "pad_color": list(pad_color(cfg.image_mean)),
+        },
+        "decoder": {
+            "n_embd": cfg.text.hidden_size,
+            "n_ctx_train": cfg.text.max_position_embeddings,
+            "quant": quant,
+            "bos_id": cfg.text.bos_token_id,
+            "eos_id": cfg.text.eos_token_id,
+            "image_token_id": cfg.image_token_index,
+        },
+        "template": get_template(cfg.template).name,
+        "parity": parity,
+    }
+
+
+def _move_onnx(src: Path, dst: Path) -> None:
+    """Rename an ONNX file; a graph with external data keeps its `.data` file name (referenced inside)."""
+    if Path(str(src) + ".data").exists():
+        raise UserError("vision graphs over 2 GB (external data) are not supported in bundles yet")
+    shutil.move(src, dst)
+
+
+def _remove_onnx(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    Path(str(path) + ".data").unlink(missing_ok=True)
