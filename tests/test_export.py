@@ -126,3 +126,19 @@ def test_existing_bundle_needs_overwrite(ckpt, f32_bundle):
     with pytest.raises(Exception, match="overwrite"):
         pipeline.export_bundle(pipeline.ExportOptions(str(ckpt), str(out), quant="F32", progress=False))
     assert json.loads((out / "manifest.json").read_text())["decoder"]["quant"] == "F32"
+
+
+DEMO = pipeline.Path(pipeline.__file__).resolve().parent.parent / "assets" / "demo" / "checkpoint"
+
+
+@pytest.mark.parametrize("quant,min_top1", [("Q8_0", 0.99), ("Q4_K_M", 0.90)])
+def test_demo_checkpoint_quantized_decoder_agrees_with_the_reference(tmp_path, quant, min_top1):
+    """On the trained demo model (not random weights: few near-ties), 4-bit keeps >= 90 % top-1."""
+    out = tmp_path / quant
+    manifest = pipeline.export_bundle(pipeline.ExportOptions(
+        str(DEMO), str(out), quant=quant, vision_precision="fp32", threads=THREADS, progress=False))
+    decoder = manifest["parity"]["decoder"]
+    assert decoder["n_positions"] >= 64 + 64
+    assert decoder["top1_agreement"] >= min_top1, decoder
+    assert manifest["parity"]["tokenizer"]["identical"]
+    assert manifest["parity"]["vision"]["cosine_min"] >= 0.99999

@@ -19,7 +19,7 @@ import torch
 
 from ..config import TextConfig
 from ..reference.checkpoint import load_checkpoint, save_liuhaotian
-from .clip_pretrain import ClipTrainConfig, train_clip
+from .clip_attributes import AttributeClipConfig, train_attribute_clip
 from .evaluate import evaluate, format_table, write_predictions
 from .recipe import TrainConfig, train
 from .shapes import build_dataset
@@ -39,10 +39,12 @@ class DemoConfig:
     out_dir: str = "runs/demo"
     n_train_images: int = 3000
     n_test_images: int = 300
+    n_clip_images: int = 12000  # a separate, larger draw of the world for the CLIP tower
     seed: int = 0
-    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    train_seed: int = 42
+    clip: AttributeClipConfig = field(default_factory=AttributeClipConfig)
     text: dict = field(default_factory=demo_text_config)
-    lm_epochs: float = 2.0
+    lm_epochs: float = 1.0
     lm_lr: float = 2e-3
     stage1_epochs: float = 1.0
     stage1_lr: float = 1e-3
@@ -86,9 +88,13 @@ def build_demo(cfg: DemoConfig) -> dict:
 
     step("shapes world", data / "test.json", report,
          lambda: build_dataset(data, cfg.n_train_images, cfg.n_test_images, seed=cfg.seed))
-    step("CLIP tower", out / "clip" / "clip_train.json", report, lambda: train_clip(cfg.clip, data, out / "clip"))
+    clip_data = out / "clip_data"
+    step("shapes world for CLIP", clip_data / "clip_pairs.json", report,
+         lambda: build_dataset(clip_data, cfg.n_clip_images, 10, seed=cfg.seed + 1))
+    step("CLIP tower", out / "clip" / "clip_train.json", report,
+         lambda: train_attribute_clip(cfg.clip, clip_data, out / "clip"))
     text_json = text_only_records(data / "stage2.json", out / "text.json")
-    common = dict(micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, save_every=50, resume=True)
+    common = dict(micro_batch_size=cfg.micro_batch_size, seed=cfg.train_seed, save_every=50, resume=True)
     step("language model", out / "llm" / "model.safetensors", report, lambda: train(TrainConfig(
         stage="lm", data=str(text_json), output_dir=str(out / "llm"), tokenizer=str(data / "tokenizer.model"),
         text_config=cfg.text, lr=cfg.lm_lr, epochs=cfg.lm_epochs, global_batch_size=cfg.stage2_batch, **common)))

@@ -1,0 +1,167 @@
+"""The demo's CLIP tower: the CLIP objective with attribute-level texts, matched per patch.
+
+Measured here, caption-level CLIP from scratch on a few thousand shapes images leaves the layer -2 patch
+tokens that LLaVA reads nearly blind to shape and binding (held-out (color, shape)-set accuracy 20 %).
+Two changes to what is contrasted, not to the kind of objective, make them informative (61 %):
+
+- texts name one object ("a red circle."), the count ("two shapes.") or the whole caption; every text
+  true of an image is a positive for it (multi-positive InfoNCE), so shared attributes are not negatives;
+- besides CLIP's pooled CLS of the last layer, an image-text score is the best match over the layer -2
+  patch tokens (FILIP-style late interaction), so a single patch token must carry "red circle".
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import CLIP_MEAN, CLIP_STD, VisionConfig
+from ..reference.checkpoint import save_clip_vision
+from .clip_pretrain import ClipModel, ClipTrainConfig, TextTokenizer, load_pixels, lr_factor, make_optimizer, parse_caption
+from .shapes import COLORS, COUNT_WORDS, SHAPES
+
+ATTRIBUTE_TEXTS = [f"a {color} {shape}." for color in COLORS for shape in SHAPES]
+
+
+def demo_clip_config() -> ClipTrainConfig:
+    vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                          image_size=112, patch_size=14)
+    return ClipTrainConfig(vision=vision, batch_size=64, epochs=6, lr=1e-3)
+
+
+@dataclass
+class AttributeClipConfig:
+    clip: ClipTrainConfig = field(default_factory=demo_clip_config)
+    p_caption: float = 0.35
+    p_object: float = 0.5  # the rest: the count text
+    seed: int = 0
+
+
+def count_text(n: int) -> str:
+    return "one shape." if n == 1 else f"{COUNT_WORDS[n].lower()} shapes."
+
+
+def true_texts(caption: str) -> set[str]:
+    objects = parse_caption(caption)
+    return {caption, count_text(len(objects))} | {f"a {c} {s}." for c, s in objects}
+
+
+def multi_positive_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE where positive[i, k] marks every text k true of image i (targets spread over them)."""
+    p = positive.float()
+    image_to_text = F.cross_entropy(logits, p / p.sum(1, keepdim=True))
+    text_to_image = F.cross_entropy(logits.T, (p / p.sum(0, keepdim=True)).T)
+    return (image_to_text + text_to_image) / 2
+
+
+class PatchHead(nn.Module):
+    def __init__(self, width: int, embed_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, embed_dim)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.norm(patches)), dim=-1)
+
+
+def image_scores(model: ClipModel, head: PatchHead, pixels: torch.Tensor, text: torch.Tensor):
+    """(CLS-vs-text, best-patch-vs-text) similarity matrices [B_images, B_texts], before the logit scale."""
+    n = model.vision.cfg.num_hidden_layers
+    penultimate, last = model.vision(pixels, [n - 1, n])
+    cls = F.normalize(model.visual_projection(model.vision.post_layernorm(last[:, 0])), dim=-1)
+    patches = head(penultimate[:, 1:])
+    return cls @ text.T, torch.einsum("bpd,td->btp", patches, text).max(-1).values
+
+
+@torch.no_grad()
+def attribute_set_accuracy(model, head, tokenizer, pixels, captions) -> float:
+    """Share of images whose top-k attribute texts by best-patch score are exactly their k objects."""
+    text = model.encode_text(*tokenizer(ATTRIBUTE_TEXTS))
+    hits = 0
+    for start in range(0, len(pixels), 256):
+        _, scores = image_scores(model, head, pixels[start : start + 256], text)
+        for row, caption in zip(scores, captions[start : start + 256]):
+            truth = {ATTRIBUTE_TEXTS.index(f"a {c} {s}.") for c, s in parse_caption(caption)}
+            hits += set(row.topk(len(truth)).indices.tolist()) == truth
+    return hits / len(captions)
+
+
+def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir: str | Path,
+                         heldout: int = 500, progress: bool = True) -> dict:
+    """Train on data_dir/clip_pairs.json (the last `heldout` images held out), write the vision tower."""
+    from tqdm import tqdm
+
+    c = cfg.clip
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    start = time.perf_counter()
+    pairs = json.loads((data_dir / "clip_pairs.json").read_text())
+    tokenizer = TextTokenizer(data_dir / "tokenizer.model", c.text.context)
+    pixels = load_pixels(data_dir, [p["image"] for p in pairs], c.vision.image_size, progress)
+    captions = [p["caption"] for p in pairs]
+    facts = [true_texts(caption) for caption in captions]
+    train_n = len(pairs) - heldout
+
+    model, head = ClipModel(c, tokenizer.vocab_size), PatchHead(c.vision.hidden_size, c.embed_dim)
+    model.head = head  # registered so that the optimizer sees it
+    model.train()
+    optimizer = make_optimizer(model, c)
+    steps_per_epoch = train_n // c.batch_size
+    total = steps_per_epoch * c.epochs
+    warmup = max(1, total // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    bar = tqdm(total=total, desc="clip (attributes)", unit="step", disable=not progress)
+    epoch_losses = []
+    for _ in range(c.epochs):
+        order = torch.randperm(train_n).tolist()
+        losses = []
+        for step in range(steps_per_epoch):
+            idx = order[step * c.batch_size : (step + 1) * c.batch_size]
+            texts = [sample_text(captions[i], rng, cfg) for i in idx]
+            positive = torch.tensor([[t in facts[i] for t in texts] for i in idx])
+            text = model.encode_text(*tokenizer(texts))
+            cls_sim, patch_sim = image_scores(model, head, pixels[idx], text)
+            scale = model.logit_scale.exp()
+            loss = multi_positive_loss(scale * cls_sim, positive) + multi_positive_loss(scale * patch_sim, positive)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, c.logit_scale_max)
+            losses.append(loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        epoch_losses.append(sum(losses) / len(losses))
+    bar.close()
+    model.eval()
+    metrics = {
+        "epoch_losses": epoch_losses,
+        "heldout_attribute_set_acc": attribute_set_accuracy(model, head, tokenizer, pixels[train_n:], captions[train_n:]),
+        "n_train": train_n,
+        "steps": total,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    save_clip_vision(model.vision, out_dir, CLIP_MEAN, CLIP_STD)
+    (out_dir / "clip_train.json").write_text(json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2))
+    return metrics
+
+
+def sample_text(caption: str, rng: random.Random, cfg: AttributeClipConfig) -> str:
+    r = rng.random()
+    if r < cfg.p_caption:
+        return caption
+    objects = parse_caption(caption)
+    if r < cfg.p_caption + cfg.p_object:
+        color, shape = rng.choice(objects)
+        return f"a {color} {shape}."
+    return count_text(len(objects))
+
