@@ -39,7 +39,7 @@ def test_micro_run_learns_and_writes_a_clip_dir(tmp_path):
         vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                             image_size=28, patch_size=14),
         text=TextEncoderConfig(width=32, layers=1, heads=2), embed_dim=16, batch_size=16, epochs=6, lr=3e-3)
-    metrics = train_attribute_clip(AttributeClipConfig(clip=clip), data, tmp_path / "clip", heldout=16,
+    metrics = train_attribute_clip(AttributeClipConfig(clip=clip, heldout=16), data, tmp_path / "clip",
                                    progress=False)
     losses = metrics["epoch_losses"]
     assert losses[-1] < losses[0] - 0.1

@@ -117,7 +117,8 @@ def test_cli_export_errors_are_one_line(tmp_path, monkeypatch):
                              "--out", str(tmp_path / "b")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "llava-v1.5-7b" in lines[0] and "huggingface-cli download" in lines[0]
+    assert len(lines) == 1 and "huggingface-cli download liuhaotian/llava-v1.5-7b" in lines[0]
+    assert "openai/clip-vit-large-patch14-336" in lines[0] and str(tmp_path / "hf" / "hub") in lines[0]
     assert not (tmp_path / "b").exists()
 
 

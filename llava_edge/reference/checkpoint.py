@@ -73,8 +73,24 @@ def resolve_checkpoint(name: str | os.PathLike, what: str = "checkpoint", hint: 
     if found is not None:
         return found
     looked = ", ".join([str(path.resolve())] + [str(d) for d in hf_cache_dirs()])
-    get = hint or f"huggingface-cli download {name}"
+    get = hint or download_hint(str(name))
     raise CheckpointError(f"{what} {str(name)!r} not found (looked in {looked}); get it with: {get}")
+
+
+KNOWN_REPOS = {
+    "llava-v1.5-7b": "liuhaotian/llava-v1.5-7b",
+    "llava-v1.5-13b": "liuhaotian/llava-v1.5-13b",
+    "llava-1.5-7b-hf": "llava-hf/llava-1.5-7b-hf",
+    "llava-1.5-13b-hf": "llava-hf/llava-1.5-13b-hf",
+}
+
+
+def download_hint(name: str) -> str:
+    repo = KNOWN_REPOS.get(name, name)
+    hint = f"huggingface-cli download {repo}"
+    if repo.startswith("liuhaotian/"):  # its CLIP tower is a separate download
+        hint += f" and huggingface-cli download {DEFAULT_CLIP}"
+    return hint
 
 
 # ----------------------------------------------------------------------------- reading tensors

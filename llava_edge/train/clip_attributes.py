@@ -41,6 +41,7 @@ class AttributeClipConfig:
     clip: ClipTrainConfig = field(default_factory=demo_clip_config)
     p_caption: float = 0.35
     p_object: float = 0.5  # the rest: the count text
+    heldout: int = 500  # the last images of clip_pairs.json, kept out of training for the metric
     seed: int = 0
 
 
@@ -94,8 +95,8 @@ def attribute_set_accuracy(model, head, tokenizer, pixels, captions) -> float:
 
 
 def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir: str | Path,
-                         heldout: int = 500, progress: bool = True) -> dict:
-    """Train on data_dir/clip_pairs.json (the last `heldout` images held out), write the vision tower."""
+                         progress: bool = True) -> dict:
+    """Train on data_dir/clip_pairs.json (the last cfg.heldout images held out), write the vision tower."""
     from tqdm import tqdm
 
     c = cfg.clip
@@ -108,7 +109,7 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
     pixels = load_pixels(data_dir, [p["image"] for p in pairs], c.vision.image_size, progress)
     captions = [p["caption"] for p in pairs]
     facts = [true_texts(caption) for caption in captions]
-    train_n = len(pairs) - heldout
+    train_n = len(pairs) - cfg.heldout
 
     model, head = ClipModel(c, tokenizer.vocab_size), PatchHead(c.vision.hidden_size, c.embed_dim)
     model.head = head  # registered so that the optimizer sees it
