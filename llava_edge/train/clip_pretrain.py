@@ -342,9 +342,10 @@ def split_pairs(data_dir: Path) -> tuple[list[dict], list[tuple[str, str]]]:
 
 
 @torch.no_grad()
-def image_embeddings(model: ClipModel, pixels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    chunks = [model.encode_image(pixels[i : i + batch_size])[:2] for i in range(0, len(pixels), batch_size)]
-    return torch.cat([c for c, _ in chunks]), torch.cat([p for _, p in chunks])
+def image_embeddings(model: ClipModel, pixels: torch.Tensor, batch_size: int = 256) -> list[torch.Tensor]:
+    """encode_image over pixels in chunks: CLS embeddings, patch embeddings, attribute logits."""
+    chunks = [model.encode_image(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    return [torch.cat(parts) for parts in zip(*chunks)]
 
 
 @torch.no_grad()
@@ -362,7 +363,7 @@ def evaluate(model: ClipModel, tokenizer: TextTokenizer, pixels: torch.Tensor, c
     """Retrieval among the distinct captions of this set (CLS and layer -2 patch embeddings), and among
     every caption the world can produce (reordered and rebound ones included) when the captions parse."""
     model.eval()
-    cls_emb, patch_emb = image_embeddings(model, pixels)
+    cls_emb, patch_emb, attribute_logits = image_embeddings(model, pixels)
     distinct = sorted(set(captions))
     distinct_emb = text_embeddings(model, tokenizer, distinct)
     out = {
@@ -372,6 +373,8 @@ def evaluate(model: ClipModel, tokenizer: TextTokenizer, pixels: torch.Tensor, c
         "patch_retrieval_acc": retrieval_accuracy(patch_emb, captions, distinct, distinct_emb),
     }
     if all(parse_caption(c) is not None for c in captions):
+        truth = torch.stack([attribute_targets(parse_caption(c)) for c in captions])
+        out["attribute_set_acc"] = ((attribute_logits > 0).float() == truth).all(1).float().mean().item()
         world = world_captions()
         world_emb = text_embeddings(model, tokenizer, world)
         out["world_retrieval_acc"] = retrieval_accuracy(cls_emb, captions, world, world_emb)

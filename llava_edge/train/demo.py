@@ -48,7 +48,7 @@ class DemoConfig:
     lm_lr: float = 2e-3
     stage1_epochs: float = 1.0
     stage1_lr: float = 1e-3
-    stage2_epochs: float = 3.0
+    stage2_epochs: float = 8.0
     stage2_lr: float = 5e-4
     micro_batch_size: int = 16
     stage1_batch: int = 32
