@@ -49,19 +49,32 @@ def export(
 
 @app.command()
 def chat(
-    image: Path = typer.Argument(..., help="an image file"),
-    bundle: Optional[Path] = typer.Option(None, help="edge bundle dir (default: the demo bundle)"),
-    prompt: Optional[str] = typer.Option(None, help="one question; without it, interactive chat"),
+    image: Path = typer.Argument(..., help="an image file (PNG, JPEG, WebP, GIF, BMP, TIFF)"),
+    bundle: Optional[Path] = typer.Option(None, help="edge bundle dir (default: the demo bundle in the package)"),
+    prompt: Optional[str] = typer.Option(None, help="one question, one answer on stdout; without it, interactive chat"),
+    max_tokens: int = typer.Option(256, help="most tokens per answer"),
+    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default with --prompt; 0.2 interactive)"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling (with temperature > 0)"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed"),
+    as_json: bool = typer.Option(False, "--json", help="with --prompt: one JSON object with the answer and timings"),
+    device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
+    n_ctx: Optional[int] = typer.Option(None, help="context length (default: the model's, at most 4096)"),
 ):
-    """Chat about an image with an edge bundle."""
-    demo = Path(__file__).parent / "assets" / "demo" / "bundle"
-    bundle_dir = bundle or demo
-    if not (bundle_dir / "manifest.json").exists():
-        raise UserError(
-            f"no edge bundle at {bundle_dir}"
-            + (" (the demo bundle is not shipped yet; export one with `llava-edge export`)" if bundle is None else "")
-        )
-    raise UserError("the edge runtime is not part of this release yet")
+    """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
+    from .chat import answer_once, repl
+    from .runtime.session import ChatSession, SamplingConfig
+
+    if as_json and prompt is None:
+        raise UserError("--json needs --prompt (the interactive chat prints text)")
+    if temperature is None:
+        temperature = 0.0 if prompt is not None else 0.2
+    sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    session = ChatSession.open(bundle, device=device, threads=threads, n_ctx=n_ctx)
+    if prompt is not None:
+        answer_once(session, image, prompt, sampling, as_json)
+    else:
+        repl(session, image, sampling)
 
 
 @app.command()
@@ -105,17 +118,28 @@ def train(
 
 @app.command("eval")
 def eval_(
-    ckpt: str = typer.Option(..., help="checkpoint dir or name"),
     data: str = typer.Option(..., help="test json with question_type and answer per record (shapes world)"),
+    ckpt: Optional[str] = typer.Option(None, help="checkpoint dir or name: score the reference model"),
+    bundle: Optional[str] = typer.Option(None, help="edge bundle dir: score the runtime (ONNX Runtime + llama.cpp)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the bundle's runtime"),
     vision_tower: Optional[str] = typer.Option(None, help="CLIP vision dir for liuhaotian checkpoints"),
     limit: Optional[int] = typer.Option(None, help="only the first N records"),
     predictions: Optional[str] = typer.Option(None, help="write one jsonl line per answer here"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
-    """Accuracy per question type and POPE-style yes/no F1 of a checkpoint (reference model, greedy)."""
-    from .train.evaluate import evaluate, format_table, write_predictions
+    """Accuracy per question type and POPE-style yes/no F1 of a checkpoint or a bundle (greedy)."""
+    from .scoring import format_table, write_predictions
 
-    result = evaluate(ckpt, data, vision_tower=vision_tower, limit=limit)
+    if (ckpt is None) == (bundle is None):
+        raise UserError("pass exactly one of --ckpt (reference model) or --bundle (edge runtime)")
+    if bundle is not None:
+        from .runtime.evaluate import evaluate_bundle
+
+        result = evaluate_bundle(bundle, data, limit=limit, threads=threads)
+    else:
+        from .train.evaluate import evaluate
+
+        result = evaluate(ckpt, data, vision_tower=vision_tower, limit=limit)
     if predictions:
         write_predictions(result, predictions)
     typer.echo(json.dumps(result.summary(), indent=2) if as_json else format_table(result))

@@ -54,6 +54,18 @@ def get_template(template: str | Template) -> Template:
     return TEMPLATES[template]
 
 
+def stop_strings(template: str | Template) -> list[str]:
+    """Text that ends an assistant answer besides EOS: the separator written after it (none for "</s>",
+    which is the EOS token itself)."""
+    tpl = get_template(template)
+    if tpl.sep2 == "</s>":
+        return []
+    if tpl.sep2.strip():
+        return [tpl.sep2]
+    # A blank sep2 ("llava_hf"'s " ") cannot be a stop; the next user turn starting is.
+    return [f"{tpl.roles[0]}:"] if tpl.roles[0] else [tpl.sep2]
+
+
 def render_prompt(
     template: str | Template, turns: list[tuple[str, str | None]], image: bool = True
 ) -> str:

@@ -31,14 +31,15 @@ ASPECTS = ("pad", "square")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
-def load_image(source: str | os.PathLike | bytes) -> Image.Image:
+def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
     """Read an image file (or its bytes) fully and return it as RGB, upright, first frame only.
 
     Transparency is dropped the way LLaVA's `Image.open(f).convert("RGB")` drops it (the colour stored under
     a transparent pixel is kept); it is NOT composited on white. 16-bit and 32-bit integer images are scaled to
     8 bits instead of being clipped at 255 as Pillow's convert does.
     """
-    name, stream = _open_source(source)
+    name, data = read_image_source(source, name)
+    stream = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse both, with a clear message.
@@ -63,11 +64,13 @@ def load_image(source: str | os.PathLike | bytes) -> Image.Image:
         stream.close()
 
 
-def _open_source(source: str | os.PathLike | bytes) -> tuple[str, io.BufferedIOBase]:
+def read_image_source(source: str | os.PathLike | bytes, name: str | None = None) -> tuple[str, bytes]:
+    """(name for messages, the file's bytes), with one-line errors for what is not a readable file."""
     if isinstance(source, (bytes, bytearray, memoryview)):
+        name = name or "<image bytes>"
         if len(source) == 0:
-            raise ImageError("<image bytes>: image data is empty (0 bytes)")
-        return "<image bytes>", io.BytesIO(bytes(source))
+            raise ImageError(f"{name}: image data is empty (0 bytes)")
+        return name, bytes(source)
     path = Path(source)
     name = str(path)
     if not path.exists():
@@ -75,11 +78,12 @@ def _open_source(source: str | os.PathLike | bytes) -> tuple[str, io.BufferedIOB
     if path.is_dir():
         raise ImageError(f"{name}: is a directory, not an image file")
     try:
-        if path.stat().st_size == 0:
-            raise ImageError(f"{name}: image file is empty (0 bytes)")
-        return name, open(path, "rb")
+        data = path.read_bytes()
     except PermissionError:
         raise ImageError(f"{name}: image file is not readable (permission denied)") from None
+    if not data:
+        raise ImageError(f"{name}: image file is empty (0 bytes)")
+    return name, data
 
 
 def _check_pixel_count(img: Image.Image, name: str) -> None:

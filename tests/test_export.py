@@ -13,22 +13,14 @@ from llava_edge.export.bundle import read_manifest, sha256_of
 from llava_edge.export.gguf_parity import decoder_parity
 from llava_edge.export.onnx_vision import run_onnx
 from llava_edge.reference.checkpoint import load_checkpoint
-from spm_fixture import train_tiny_spm
-from tiny_checkpoints import make_llava, save_full_clip, save_liuhaotian_layout
+from tiny_checkpoints import make_liuhaotian_checkpoint
 
 THREADS = 1
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    (root / "spm").mkdir()
-    tok = train_tiny_spm(root / "spm", 400)
-    model = make_llava(400, 32000, None, seed=7)
-    path = save_liuhaotian_layout(model, root / "llava-tiny", "clip", n_shards=2, fmt="bin")
-    save_full_clip(model, path / "clip")
-    (path / "tokenizer.model").write_bytes(tok.read_bytes())
-    return path
+    return make_liuhaotian_checkpoint(tmp_path_factory.mktemp("export"), seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,7 @@ def test_two_ranks_match_one_process(parts, stage1, tmp_path, engine):
 
 
 def test_demo_build_runs_end_to_end_in_miniature(tmp_path):
-    """`llava-edge build-demo`'s whole chain (world, CLIP tower, LM, stage 1, stage 2, fp16 checkpoint, eval)
+    """`llava-edge build-demo`'s whole chain (world, CLIP tower, LM, stage 1, stage 2, fp16 checkpoint, bundle, eval)
     at toy sizes; a second call finds every step done and only re-evaluates."""
     from llava_edge.config import VisionConfig
     from llava_edge.train.clip_attributes import AttributeClipConfig
@@ -164,7 +164,11 @@ def test_demo_build_runs_end_to_end_in_miniature(tmp_path):
         micro_batch_size=4, stage1_batch=8, stage2_batch=8, install=False)
     report = build_demo(cfg)
     assert set(report["seconds"]) >= {"shapes world", "CLIP tower", "language model", "stage 1", "stage 2",
-                                      "fp16 checkpoint", "eval"}
+                                      "fp16 checkpoint", "edge bundle", "eval"}
+    from llava_edge.runtime.bundle import open_bundle
+
+    bundle = open_bundle(tmp_path / "demo" / "bundle")
+    assert bundle.quant == "Q4_K_M" and bundle.mmproj_file is not None and bundle.n_embd == 32
     loaded = load_checkpoint(tmp_path / "demo" / "checkpoint")
     assert {p.dtype for p in loaded.model.parameters()} == {torch.float16}
     assert report["eval"]["n"] > 0

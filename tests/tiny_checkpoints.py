@@ -202,3 +202,16 @@ def make_llava(vocab_size: int, image_token: int, pad_id: int | None, seed: int,
             else:
                 p.copy_(torch.randn_like(p) * 0.03)
     return model
+
+
+def make_liuhaotian_checkpoint(root: Path, seed: int, fmt: str = "bin", n_shards: int = 2) -> Path:
+    """A tiny random LLaVA saved as liuhaotian does (CLIP tower in clip/), with a trained SentencePiece model."""
+    from spm_fixture import train_tiny_spm
+
+    (root / "spm").mkdir(parents=True, exist_ok=True)
+    tok = train_tiny_spm(root / "spm", 400)
+    model = make_llava(400, 32000, None, seed=seed)
+    path = save_liuhaotian_layout(model, root / "llava-tiny", "clip", n_shards=n_shards, fmt=fmt)
+    save_full_clip(model, path / "clip")
+    (path / "tokenizer.model").write_bytes(tok.read_bytes())
+    return path

@@ -32,6 +32,8 @@ class Decoder:
         self.n_embd = int(n_embd_inp(llm.model))
         self.logits_all = bool(getattr(llm, "_logits_all", False))
         self._batch = None  # the embeddings batch, allocated on first use, reused, freed in close()
+        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self._pieces: dict[int, bytes] = {}
 
     @property
     def n_past(self) -> int:
@@ -39,6 +41,29 @@ class Decoder:
 
     def room(self) -> int:
         return self.n_ctx - self.n_past
+
+    def sequence(self) -> list[int]:
+        """What the KV cache holds: token ids, IMAGE_INPUT_ID at positions fed as embeddings."""
+        return [int(t) for t in self.llm.input_ids[: self.n_past]]
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n positions of the sequence (their KV stays), drop the rest."""
+        if not 0 <= n <= self.n_past:
+            raise ValueError(f"cannot keep {n} of {self.n_past} positions")
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.llm.ctx), -1, n, -1)
+        self.llm.n_tokens = n
+
+    def tokenize(self, text: str) -> list[int]:
+        """The GGUF's own SentencePiece-compatible tokenizer, no BOS, special tokens not parsed."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def piece(self, token: int) -> bytes:
+        """The bytes one token stands for (a word piece may be part of a UTF-8 character)."""
+        if token not in self._pieces:
+            buf = ctypes.create_string_buffer(64)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            self._pieces[token] = buf.raw[: max(n, 0)]
+        return self._pieces[token]
 
     def reset(self) -> None:
         """Forget the sequence (the KV cache is cleared too, not just overwritten later)."""

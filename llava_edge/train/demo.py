@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..config import TextConfig
+from ..export.pipeline import ExportOptions, export_bundle
 from ..reference.checkpoint import load_checkpoint, save_liuhaotian
 from .clip_attributes import AttributeClipConfig, train_attribute_clip
 from .evaluate import evaluate, format_table, write_predictions
@@ -25,6 +26,7 @@ from .recipe import TrainConfig, train
 from .shapes import build_dataset
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo" / "checkpoint"
+BUNDLE_ASSETS = ASSETS.parent / "bundle"  # what `llava-edge chat` uses when no --bundle is given
 
 
 def demo_text_config() -> dict:
@@ -53,7 +55,8 @@ class DemoConfig:
     micro_batch_size: int = 16
     stage1_batch: int = 32
     stage2_batch: int = 32
-    install: bool = True  # copy the fp16 checkpoint into the package
+    bundle_quant: str = "Q4_K_M"
+    install: bool = True  # copy the fp16 checkpoint and its bundle into the package
 
 
 def text_only_records(stage2_json: Path, out_json: Path) -> Path:
@@ -111,6 +114,10 @@ def build_demo(cfg: DemoConfig) -> dict:
     step("fp16 checkpoint", checkpoint / "model.safetensors", report, lambda: save_liuhaotian(
         load_checkpoint(out / "stage2").model, checkpoint, data / "tokenizer.model", dtype=torch.float16))
 
+    bundle = out / "bundle"
+    step("edge bundle", bundle / "manifest.json", report, lambda: export_bundle(ExportOptions(
+        str(checkpoint), str(bundle), quant=cfg.bundle_quant, mmproj=True, overwrite=True, progress=False)))
+
     t0 = time.perf_counter()
     result = evaluate(checkpoint, data / "test.json")
     report["seconds"]["eval"] = round(time.perf_counter() - t0, 1)
@@ -126,5 +133,7 @@ def build_demo(cfg: DemoConfig) -> dict:
         shutil.copytree(checkpoint, ASSETS)
         (ASSETS / "demo_report.json").write_text(json.dumps(
             {k: report[k] for k in ("seconds", "eval", "eval_table", "checkpoint_bytes", "config")}, indent=2))
-        print(f"[demo] installed the checkpoint in {ASSETS}")
+        shutil.rmtree(BUNDLE_ASSETS, ignore_errors=True)
+        shutil.copytree(bundle, BUNDLE_ASSETS)
+        print(f"[demo] installed the checkpoint in {ASSETS} and its bundle in {BUNDLE_ASSETS}")
     return report

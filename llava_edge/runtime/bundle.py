@@ -1,0 +1,149 @@
+"""An edge bundle read back: manifest.json checked against the files it lists, and the fields the runtime needs.
+
+Checksums of big files cost seconds (a 7B decoder is 4 GB), so a file whose sha256 matched once is
+remembered by (path, size, mtime) in the user's cache and not hashed again until it changes. No torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+FORMAT_VERSION = 1
+DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "demo" / "bundle"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLAVA_EDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-edge"
+    return Path(root)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+class _VerifiedFiles:
+    """sha256 verdicts remembered per file stamp; a cache that cannot be read or written is just skipped."""
+
+    def __init__(self) -> None:
+        self.path = cache_dir() / "verified-files.json"
+        try:
+            self.known = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+
+    def matches(self, path: Path, sha256: str) -> bool:
+        stamp = _stamp(path)
+        if self.known.get(stamp) == sha256:
+            return True
+        if sha256_of(path) != sha256:
+            return False
+        self.known[stamp] = sha256
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.known))
+            tmp.replace(self.path)
+        except OSError:
+            pass
+        return True
+
+
+def read_manifest(bundle_dir: Path, verify: bool = True) -> dict:
+    """The manifest of a bundle, checked: present, parseable, every listed file there with its sha256."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / "manifest.json"
+    if not bundle_dir.is_dir():
+        raise UserError(f"{bundle_dir}: bundle directory not found")
+    if not path.is_file():
+        raise UserError(f"{bundle_dir}: not an edge bundle (no manifest.json)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        version = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise UserError(f"{path}: format_version {version!r}, this llava-edge reads {FORMAT_VERSION}")
+    for role in ("vision", "decoder"):
+        if role not in manifest.get("files", {}):
+            raise UserError(f"{path}: no {role!r} file listed")
+    verified = _VerifiedFiles() if verify else None
+    for role, entry in manifest["files"].items():
+        f = bundle_dir / entry["name"]
+        if not f.is_file():
+            raise UserError(f"{bundle_dir}: {role} file {entry['name']} is missing")
+        if f.stat().st_size != entry["bytes"]:
+            raise UserError(f"{f}: {f.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated copy?)")
+        if verified is not None and not verified.matches(f, entry["sha256"]):
+            raise UserError(f"{f}: sha256 does not match the manifest (corrupted or replaced file)")
+    return manifest
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    precision: str
+    image_size: int
+    patch_size: int
+    n_image_tokens: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    aspect: str
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    manifest: dict
+    vision_file: Path
+    decoder_file: Path
+    mmproj_file: Path | None
+    vision: VisionSpec
+    n_embd: int
+    n_ctx_train: int
+    quant: str
+    bos_id: int
+    eos_id: int
+    template: str
+
+
+def open_bundle(bundle_dir: str | os.PathLike, verify: bool = True) -> Bundle:
+    bundle_dir = Path(bundle_dir)
+    m = read_manifest(bundle_dir, verify)
+    where = bundle_dir / "manifest.json"
+    try:
+        v, d, files = m["vision"], m["decoder"], m["files"]
+        vision = VisionSpec(
+            precision=str(v["precision"]), image_size=int(v["image_size"]), patch_size=int(v["patch_size"]),
+            n_image_tokens=int(v["n_image_tokens"]), mean=tuple(float(x) for x in v["mean"]),
+            std=tuple(float(x) for x in v["std"]), aspect=str(v["aspect"]),
+        )
+        bundle = Bundle(
+            path=bundle_dir, manifest=m,
+            vision_file=bundle_dir / files["vision"]["name"], decoder_file=bundle_dir / files["decoder"]["name"],
+            mmproj_file=bundle_dir / files["mmproj"]["name"] if "mmproj" in files else None,
+            vision=vision, n_embd=int(d["n_embd"]), n_ctx_train=int(d["n_ctx_train"]), quant=str(d["quant"]),
+            bos_id=int(d["bos_id"]), eos_id=int(d["eos_id"]), template=str(m["template"]),
+        )
+    except KeyError as e:
+        raise UserError(f"{where}: missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: malformed field ({e})") from None
+    if len(vision.mean) != 3 or len(vision.std) != 3 or min(vision.std) <= 0:
+        raise UserError(f"{where}: vision mean/std must be 3 numbers each, std > 0")
+    if vision.image_size < 1 or vision.n_image_tokens < 1 or bundle.n_embd < 1:
+        raise UserError(f"{where}: image_size, n_image_tokens and n_embd must be positive")
+    return bundle
