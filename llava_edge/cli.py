@@ -60,6 +60,7 @@ def chat(
     device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
     n_ctx: Optional[int] = typer.Option(None, help="context length (default: the model's, at most 4096)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="keep image embeddings here too (.npy per image content)"),
 ):
     """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
     from .chat import answer_once, repl
@@ -70,7 +71,7 @@ def chat(
     if temperature is None:
         temperature = 0.0 if prompt is not None else 0.2
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    session = ChatSession.open(bundle, device=device, threads=threads, n_ctx=n_ctx)
+    session = ChatSession.open(bundle, device=device, threads=threads, n_ctx=n_ctx, cache_dir=cache_dir)
     if prompt is not None:
         answer_once(session, image, prompt, sampling, as_json)
     else:
@@ -154,6 +155,32 @@ def build_demo(
     from .train.demo import DemoConfig, build_demo as run
 
     run(DemoConfig(out_dir=out_dir, install=install))
+
+
+@app.command()
+def bench(
+    out_dir: str = typer.Option("bench/reports", help="where <device-id>.json / .md / .png go"),
+    work_dir: str = typer.Option("runs/bench", help="models made for the bench (kept for the next run)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for every path (default: all cores)"),
+    runs: int = typer.Option(5, help="timed runs per metric, after one warm-up"),
+    n_decode: int = typer.Option(32, help="tokens decoded per answer"),
+    quick: bool = typer.Option(False, help="1 decoder block for the 7B-shape case, no fp16 vision graph"),
+    shape: str = typer.Option("small", help="7B-shape decoder depth: small (2 blocks) or 7b (all 32; needs ~30 GB disk)"),
+    case: list[str] = typer.Option(["demo", "llava7b"], help="cases to run: demo, llava7b"),
+    torch_baseline: bool = typer.Option(True, help="also time the PyTorch eager reference"),
+):
+    """Latency and memory of llava-edge vs llama.cpp's own LLaVA path on this device, with a report."""
+    import os
+
+    from .bench.harness import BenchConfig, run_bench
+
+    if shape not in ("small", "7b") or not set(case) <= {"demo", "llava7b"} or runs < 1 or n_decode < 2:
+        raise UserError("--shape is small|7b, --case demo|llava7b, --runs >= 1, --n-decode >= 2")
+    cfg = BenchConfig(out_dir, work_dir, threads or os.cpu_count() or 1, runs, n_decode, quick, shape, tuple(case),
+                      torch_baseline)
+    report = run_bench(cfg)
+    typer.echo(f"wrote {out_dir}/{report['device']['id']}.md ({report['seconds']:.0f} s)")
+    typer.echo(json.dumps(report["ratios"], indent=2))
 
 
 def main() -> None:

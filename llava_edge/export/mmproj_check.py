@@ -21,6 +21,7 @@ import numpy as np
 class LlamaCppImage:
     embeddings: np.ndarray  # [n_image_tokens, n_embd] float32
     encode_ms: float  # mtmd_encode_chunk: llama.cpp's preprocessing excluded, CLIP + projector included
+    encode_ms_runs: list[float]  # every encode when repeated (the first is a warm-up)
 
 
 def llamacpp_image_embeddings(
@@ -29,6 +30,7 @@ def llamacpp_image_embeddings(
     rgb: np.ndarray,
     threads: int | None = None,
     verbose: bool = False,
+    repeats: int = 1,
 ) -> LlamaCppImage:
     """One RGB uint8 image [H, W, 3] through llama.cpp's mtmd (its own preprocessing, CLIP graph and projector)."""
     import llama_cpp
@@ -65,14 +67,16 @@ def llamacpp_image_embeddings(
             raise RuntimeError("mtmd_tokenize failed")
         chunk = image_chunk(mtmd, chunks)
         n_tokens = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-        start = time.perf_counter()
-        if mtmd.mtmd_encode_chunk(ctx, chunk) != 0:
-            raise RuntimeError("mtmd_encode_chunk failed")
-        encode_ms = (time.perf_counter() - start) * 1000
+        runs = []
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            if mtmd.mtmd_encode_chunk(ctx, chunk) != 0:
+                raise RuntimeError("mtmd_encode_chunk failed")
+            runs.append((time.perf_counter() - start) * 1000)
         n_embd = llama_cpp.llama_model_n_embd(model)
         out = mtmd.mtmd_get_output_embd(ctx)
         embeddings = np.ctypeslib.as_array(out, shape=(n_tokens * n_embd,)).reshape(n_tokens, n_embd).copy()
-        return LlamaCppImage(embeddings, encode_ms)
+        return LlamaCppImage(embeddings, runs[0], runs)
     finally:
         if chunks:
             mtmd.mtmd_input_chunks_free(chunks)

@@ -49,6 +49,7 @@ def construct_llama(
     logits_all: bool = False,
     seed: int = 0,
     verbose: bool = False,
+    **llama_kwargs,
 ) -> llama_cpp.Llama:
     """A `Llama` with explicit extra-buffer-type choice; ubatch = batch, so one decode call of up to
     n_batch positions (tokens or embeddings) is a single graph."""
@@ -66,6 +67,7 @@ def construct_llama(
             type_v=kv_type,
             seed=seed,
             verbose=verbose,
+            **llama_kwargs,
         )
 
 
@@ -79,9 +81,11 @@ def open_llama(
     extra_bufts: bool | None = None,
     seed: int = 0,
     verbose: bool = False,
+    **llama_kwargs,
 ) -> llama_cpp.Llama:
-    """Load a GGUF decoder. `extra_bufts=None` asks the cached probe whether llama.cpp's extra CPU
-    buffer types are safe here; a bad file is a UserError (one line), not a native abort."""
+    """Load a GGUF decoder; llama_kwargs go to `Llama` (e.g. a chat_handler). `extra_bufts=None` asks the
+    cached probe whether llama.cpp's extra CPU buffer types are safe here; a bad file is a UserError (one
+    line), not a native abort."""
     path = Path(gguf_path)
     if not path.is_file():
         raise UserError(f"{path}: decoder GGUF not found")
@@ -95,7 +99,7 @@ def open_llama(
     threads = n_threads or max(1, os.cpu_count() or 1)
     try:
         return construct_llama(
-            path, extra_bufts, n_ctx, min(n_batch, n_ctx), threads, f32_kv, logits_all, seed, verbose
+            path, extra_bufts, n_ctx, min(n_batch, n_ctx), threads, f32_kv, logits_all, seed, verbose, **llama_kwargs
         )
     except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
         raise UserError(f"{path}: llama.cpp could not load it ({e})") from None

@@ -32,6 +32,7 @@ class SamplingConfig:
     temperature: float = 0.0  # 0: greedy, deterministic
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # keep going past EOS (benchmarks time a fixed number of tokens)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -171,7 +172,7 @@ class ChatSession:
                 if t_first is None:
                     t_first = time.perf_counter()
                     timings.ttft_ms = 1000 * (t_first - t_start)
-                if token == self.bundle.eos_id:
+                if token == self.bundle.eos_id and not sampling.ignore_eos:
                     finish = "stop"
                     break
                 timings.n_generated += 1

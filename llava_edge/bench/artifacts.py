@@ -1,0 +1,141 @@
+"""The models a bench run measures, made once and kept in the work dir (a second run reuses them).
+
+demo     the shipped demo checkpoint and its bundle (a trained model; vision int8, decoder Q4_K_M)
+llava7b  LLaVA-1.5-7B shapes with random weights (compute does not depend on the values): CLIP ViT-L/14-336,
+         mlp2x_gelu 1024 -> 4096, and a LLaMA decoder of Vicuna-7B's width (4096, ffn 11008, 32 heads,
+         vocab 32000) with `decoder_layers` blocks (32 = the real depth; fewer for quick runs). Exported with
+         `llava-edge export` (mmproj included), plus the vision graph at fp32, fp16 and int8.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..image import load_image, preprocess
+from ..runtime.bundle import DEMO_BUNDLE, open_bundle
+
+CALIBRATION = Path(__file__).resolve().parent.parent / "assets" / "calibration"
+
+
+@dataclass
+class Case:
+    name: str
+    checkpoint: Path
+    bundle: Path
+    image: Path  # the photo every path is timed on
+    vision_graphs: dict[str, Path]  # precision -> ONNX graph of the same weights
+    reference_embeds: Path  # .npy, [n_image_tokens, n_embd] from the PyTorch reference on `image`
+    description: str
+
+    def to_dict(self) -> dict:
+        m = open_bundle(self.bundle).manifest
+        return {"name": self.name, "description": self.description, "image": self.image.name,
+                "files_mb": {role: round(e["bytes"] / 2**20, 2) for role, e in m["files"].items()}
+                | {f"vision_{p}": round(path.stat().st_size / 2**20, 2) for p, path in self.vision_graphs.items()},
+                "decoder_quant": m["decoder"]["quant"], "vision_precision": m["vision"]["precision"],
+                "n_image_tokens": m["vision"]["n_image_tokens"], "n_embd": m["decoder"]["n_embd"]}
+
+
+def demo_case(work: Path) -> Case:
+    from ..train.demo import ASSETS
+    from ..train.shapes import render_scene, sample_scene
+
+    work.mkdir(parents=True, exist_ok=True)
+    image = work / "shapes.png"
+    if not image.exists():
+        render_scene(sample_scene(np.random.default_rng(7))).save(image)
+    ref = _reference_embeddings(ASSETS, image, work / "reference_embeds.npy")
+    return Case("demo", ASSETS, DEMO_BUNDLE, image, {open_bundle(DEMO_BUNDLE).vision.precision: DEMO_BUNDLE / "vision.onnx"},
+                ref, "the shipped demo model (4 M parameters, 112 px, 64 image tokens)")
+
+
+def llava7b_case(work: Path, decoder_layers: int, threads: int) -> Case:
+    work = work / f"llava7b-L{decoder_layers}"
+    ckpt, bundle = work / "checkpoint", work / "bundle"
+    image = CALIBRATION / "astronaut.jpg"
+    if not (bundle / "manifest.json").exists():
+        _make_random_checkpoint(ckpt, decoder_layers)
+        from ..export.pipeline import ExportOptions, export_bundle
+
+        export_bundle(ExportOptions(str(ckpt), str(bundle), "Q4_K_M", "auto", None, True, True, threads))
+    graphs = _vision_variants(ckpt, work / "vision")
+    ref = _reference_embeddings(ckpt, image, work / "reference_embeds.npy")
+    return Case("llava7b", ckpt, bundle, image, graphs, ref,
+                f"LLaVA-1.5-7B shapes, random weights: ViT-L/14-336 + MLP -> 4096, "
+                f"{decoder_layers} of Vicuna-7B's 32 decoder blocks, 576 image tokens")
+
+
+def _make_random_checkpoint(ckpt: Path, decoder_layers: int) -> None:
+    import torch
+
+    from ..config import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
+    from ..reference.checkpoint import save_liuhaotian
+    from ..reference.llava import Llava
+    from ..train.demo import ASSETS
+
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision=VisionConfig(), projector=ProjectorConfig(type="mlp2x_gelu", in_features=1024, out_features=4096),
+                      text=TextConfig(num_hidden_layers=decoder_layers), feature_layer=-2, select_feature="patch")
+    with torch.device("meta"):
+        model = Llava(cfg)
+    model = model.to_empty(device="cpu").to(torch.float16)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # weight values do not change the compute; scale keeps it finite
+            if p.ndim == 1:
+                p.fill_(1.0 if "norm" in name or "layernorm" in name else 0.0)
+            else:
+                p.normal_(0, 0.02)
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The demo's SentencePiece model; the GGUF vocab is padded to 32000 as llava-hf vocabularies are.
+    save_liuhaotian(model, tmp, ASSETS / "tokenizer.model", dtype=torch.float16)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+
+
+def _vision_variants(ckpt: Path, out: Path) -> dict[str, Path]:
+    graphs = {p: out / f"vision-{p}.onnx" for p in ("fp32", "fp16", "int8")}
+    if all(g.exists() for g in graphs.values()):
+        return graphs
+    from ..export.onnx_vision import export_vision_onnx
+    from ..quant.onnx_vision import convert_fp16, quantize_int8_dynamic
+    from ..reference.checkpoint import load_checkpoint
+
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_checkpoint(ckpt).model
+    model.vision.float()
+    model.projector.float()
+    export_vision_onnx(model, graphs["fp32"])
+    del model
+    convert_fp16(graphs["fp32"], graphs["fp16"])
+    quantize_int8_dynamic(graphs["fp32"], graphs["int8"])
+    return graphs
+
+
+def _reference_embeddings(ckpt: Path, image: Path, out: Path) -> Path:
+    if out.exists():
+        return out
+    import torch
+
+    from ..reference.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(ckpt)
+    cfg = loaded.config
+    model = loaded.model
+    model.vision.float()
+    model.projector.float()
+    pixels = preprocess(load_image(image), cfg.vision.image_size, cfg.image_mean, cfg.image_std, cfg.aspect)
+    with torch.no_grad():
+        embeds = model.encode_images(torch.from_numpy(pixels)[None])[0].numpy()
+    np.save(out, embeds)
+    return out
+
+
+def write_case_file(case: Case, path: Path) -> None:
+    path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in case.__dict__.items()
+                                if k != "vision_graphs"} | {"vision_graphs": {k: str(v) for k, v in case.vision_graphs.items()}}))

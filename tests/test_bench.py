@@ -1,0 +1,61 @@
+"""bench/: the harness end to end on the demo case (tiny numbers, real paths), and its arithmetic."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llava_edge.bench import device, roofline
+from llava_edge.bench.harness import BenchConfig, ratios, run_bench
+
+
+def test_demo_bench_writes_the_contract_report(tmp_path):
+    cfg = BenchConfig(out_dir=str(tmp_path / "reports"), work_dir=str(tmp_path / "work"), threads=1, runs=2,
+                      n_decode=4, quick=True, cases=("demo",))
+    report = run_bench(cfg)
+    stem = tmp_path / "reports" / report["device"]["id"]
+    on_disk = json.loads(stem.with_suffix(".json").read_text())
+    assert set(on_disk["ratios"]) == {"vision_vs_llamacpp", "second_turn_ttft_vs_handler", "decode_vs_llamacpp",
+                                      "peak_rss_vs_llamacpp"}
+    assert all(isinstance(v, float) and v > 0 for v in on_disk["ratios"].values())
+    paths = on_disk["cases"]["demo"]["paths"]
+    assert not [p for p, r in paths.items() if "error" in r], paths
+    assert paths["edge"]["second_turn_prefilled"] < paths["edge"]["n_prompt_tokens"] - 64  # image KV reused
+    assert on_disk["fidelity"]["edge"] > 0.999
+    assert 0 < on_disk["fidelity"]["llamacpp_mtmd_f16"] < 1
+    assert stem.with_suffix(".png").stat().st_size > 10_000
+    md = stem.with_suffix(".md").read_text()
+    assert "Llava15ChatHandler" in md and "second_turn_ttft_vs_handler" in md
+
+
+def test_ratios_are_edge_over_baseline():
+    paths = {"edge": {"vision_ms": {"median": 1.0}, "second_turn_ttft_ms": {"median": 2.0},
+                      "decode_tokens_per_s": {"median": 90.0}, "peak_rss_mb": 500.0},
+             "mtmd_vision": {"vision_ms": {"median": 10.0}}, "handler": {"second_turn_ttft_ms": {"median": 100.0}, "peak_rss_mb": 1000.0},
+             "plain": {"decode_tokens_per_s": {"median": 100.0}}}
+    assert ratios(paths) == pytest.approx({"vision_vs_llamacpp": 0.1, "second_turn_ttft_vs_handler": 0.02,
+                                           "decode_vs_llamacpp": 0.9, "peak_rss_vs_llamacpp": 0.5})
+    assert ratios({"edge": paths["edge"]})["vision_vs_llamacpp"] is None  # a failed baseline gives no ratio
+
+
+def test_child_peak_rss_is_its_own():
+    """A child started by a process that once held 400 MB must not report those 400 MB (ru_maxrss would)."""
+    code = ("import subprocess, sys; big = bytearray(400 * 2**20); big[::4096] = b'x' * len(big[::4096]); del big; "
+            "print(subprocess.run([sys.executable, '-c', 'from llava_edge.bench.paths import peak_rss_mb; "
+            "print(peak_rss_mb())'], capture_output=True, text=True).stdout)")
+    child_mb = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
+    assert 5 < child_mb < 300
+
+
+def test_roofline_numbers_are_sane():
+    assert roofline.memory_bandwidth_gbs(1, mib=64, runs=1) > 0.1
+    assert roofline.matmul_gflops(1, m=64, k=256, n=256, runs=1) > 0.1
+    # ViT-L/14-336 up to layer -2 plus LLaVA's projector: about 0.35 TFLOP per image
+    flops = roofline.vit_flops(336, 14, 1024, 4096, 23, 1024, 4096, 4096, 576)
+    assert 0.3e12 < flops < 0.4e12
+
+
+def test_device_id_is_a_file_name():
+    info = {"cpu": "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.0GHz", "cores": 16, "threads_used": 8, "gpus": ["NVIDIA H100"]}
+    assert device.device_id(info) == "intel-xeon-platinum-8480-16c-8t-nvidia-h100"
