@@ -54,7 +54,7 @@ def demo_case(work: Path) -> Case:
                 ref, "the shipped demo model (4 M parameters, 112 px, 64 image tokens)")
 
 
-def llava7b_case(work: Path, decoder_layers: int, threads: int) -> Case:
+def llava7b_case(work: Path, decoder_layers: int, threads: int, all_precisions: bool = True) -> Case:
     work = work / f"llava7b-L{decoder_layers}"
     ckpt, bundle = work / "checkpoint", work / "bundle"
     image = CALIBRATION / "astronaut.jpg"
@@ -63,7 +63,10 @@ def llava7b_case(work: Path, decoder_layers: int, threads: int) -> Case:
         from ..export.pipeline import ExportOptions, export_bundle
 
         export_bundle(ExportOptions(str(ckpt), str(bundle), "Q4_K_M", "auto", None, True, True, threads))
-    graphs = _vision_variants(ckpt, work / "vision")
+    if all_precisions:
+        graphs = _vision_variants(ckpt, work / "vision")
+    else:  # quick runs: only the graph the bundle chose
+        graphs = {open_bundle(bundle, verify=False).vision.precision: bundle / "vision.onnx"}
     ref = _reference_embeddings(ckpt, image, work / "reference_embeds.npy")
     return Case("llava7b", ckpt, bundle, image, graphs, ref,
                 f"LLaVA-1.5-7B shapes, random weights: ViT-L/14-336 + MLP -> 4096, "

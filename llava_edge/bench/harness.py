@@ -30,7 +30,7 @@ class BenchConfig:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     runs: int = 5
     n_decode: int = 32
-    quick: bool = False  # fewer decoder blocks, fewer roofline repeats
+    quick: bool = False  # 1 decoder block, only the bundle's own vision graph, fewer roofline repeats
     shape: str = "small"  # llava7b decoder depth: "small" (2 blocks, 1 when quick) or "7b" (all 32)
     cases: tuple[str, ...] = ("demo", "llava7b")
     torch_baseline: bool = True
@@ -66,16 +66,17 @@ def run_bench(cfg: BenchConfig) -> dict:
     layers = 32 if cfg.shape == "7b" else (1 if cfg.quick else 2)
     cases = []
     for name in cfg.cases:
-        cases.append(demo_case(work / "demo") if name == "demo" else llava7b_case(work, layers, cfg.threads))
+        cases.append(demo_case(work / "demo") if name == "demo" else llava7b_case(work, layers, cfg.threads, not cfg.quick))
     ceilings = roofline.measure(cfg.threads, quick=cfg.quick)
 
     jobs = [(case, path) for case in cases for path in case_paths(case, cfg)]
     results: dict[str, dict] = {case.name: {"case": case.to_dict(), "paths": {}} for case in cases}
     for case, path in tqdm(jobs, desc="bench", unit="path"):
-        graphs = case.vision_graphs if not cfg.quick else {k: v for k, v in case.vision_graphs.items() if k != "fp16"}
         spec = {"bundle": str(case.bundle), "checkpoint": str(case.checkpoint), "image": str(case.image),
-                "reference_embeds": str(case.reference_embeds), "vision_graphs": {k: str(v) for k, v in graphs.items()},
-                "threads": cfg.threads, "runs": cfg.runs, "n_decode": cfg.n_decode}
+                "reference_embeds": str(case.reference_embeds),
+                "vision_graphs": {k: str(v) for k, v in case.vision_graphs.items()},
+                "threads": cfg.threads, "runs": cfg.runs, "n_decode": cfg.n_decode,
+                "n_ctx": 2048}  # the same context (and KV cache size) for every llama.cpp path
         if path == "plain":  # as many prompt positions as the image prompt the edge path measured
             spec["n_prompt_tokens"] = results[case.name]["paths"].get("edge", {}).get("n_prompt_tokens", 128)
         results[case.name]["paths"][path] = run_path(path, spec)

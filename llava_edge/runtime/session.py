@@ -45,7 +45,7 @@ class SamplingConfig:
 class Timings:
     vision_ms: float = 0.0  # preprocessing + ONNX encode of this turn's image; 0 when cached or already in KV
     prefill_ms: float = 0.0  # evaluating the new part of the prompt (image embeddings + text)
-    ttft_ms: float = 0.0  # from the question to the first answer token
+    ttft_ms: float = 0.0  # from the question to the first answer token, plus vision_ms
     decode_tokens_per_s: float = 0.0  # answer tokens after the first, per second
     n_prompt_tokens: int = 0  # positions of the whole prompt, image included
     n_prefilled: int = 0  # of which evaluated this turn (the rest came from the KV cache)
@@ -169,9 +169,9 @@ class ChatSession:
                     self.decoder.eval_tokens([token])
                 logits = self.decoder.logits_last()
                 token = sample_token(logits, sampling.temperature, sampling.top_p, rng)
-                if t_first is None:
+                if t_first is None:  # time to first token counts this turn's image encode, as a user waits for it
                     t_first = time.perf_counter()
-                    timings.ttft_ms = 1000 * (t_first - t_start)
+                    timings.ttft_ms = timings.vision_ms + 1000 * (t_first - t_start)
                 if token == self.bundle.eos_id and not sampling.ignore_eos:
                     finish = "stop"
                     break
