@@ -49,7 +49,7 @@ def demo_case(work: Path) -> Case:
     image = work / "shapes.png"
     if not image.exists():
         render_scene(sample_scene(np.random.default_rng(7))).save(image)
-    ref = _reference_embeddings(ASSETS, image, work / "reference_embeds.npy")
+    ref = _reference_embeddings(ASSETS, image, work / f"reference_embeds-{_vision_sha(DEMO_BUNDLE)}.npy")
     return Case("demo", ASSETS, DEMO_BUNDLE, image, {open_bundle(DEMO_BUNDLE).vision.precision: DEMO_BUNDLE / "vision.onnx"},
                 ref, "the shipped demo model (4 M parameters, 112 px, 64 image tokens)")
 
@@ -67,10 +67,15 @@ def llava7b_case(work: Path, decoder_layers: int, threads: int, all_precisions: 
         graphs = _vision_variants(ckpt, work / "vision")
     else:  # quick runs: only the graph the bundle chose
         graphs = {open_bundle(bundle, verify=False).vision.precision: bundle / "vision.onnx"}
-    ref = _reference_embeddings(ckpt, image, work / "reference_embeds.npy")
+    ref = _reference_embeddings(ckpt, image, work / f"reference_embeds-{_vision_sha(bundle)}.npy")
     return Case("llava7b", ckpt, bundle, image, graphs, ref,
                 f"LLaVA-1.5-7B shapes, random weights: ViT-L/14-336 + MLP -> 4096, "
                 f"{decoder_layers} of Vicuna-7B's 32 decoder blocks, 576 image tokens")
+
+
+def _vision_sha(bundle: Path) -> str:
+    """Names the cached reference embeddings after the weights they come from (a rebuilt model gets new ones)."""
+    return open_bundle(bundle, verify=False).manifest["files"]["vision"]["sha256"][:12]
 
 
 def _make_random_checkpoint(ckpt: Path, decoder_layers: int) -> None:
