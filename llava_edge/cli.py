@@ -164,7 +164,7 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="CPU threads for every path (default: all cores)"),
     runs: int = typer.Option(5, help="timed runs per metric, after one warm-up"),
     n_decode: int = typer.Option(32, help="tokens decoded per answer"),
-    quick: bool = typer.Option(False, help="1 decoder block for the 7B-shape case, only the bundle's vision graph"),
+    quick: bool = typer.Option(False, help="1 decoder block, the bundle's vision graph only, no PyTorch path"),
     shape: str = typer.Option("small", help="7B-shape decoder depth: small (2 blocks) or 7b (all 32; needs ~30 GB disk)"),
     case: list[str] = typer.Option(["demo", "llava7b"], help="cases to run: demo, llava7b"),
     torch_baseline: bool = typer.Option(True, help="also time the PyTorch eager reference"),

@@ -30,7 +30,7 @@ class BenchConfig:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     runs: int = 5
     n_decode: int = 32
-    quick: bool = False  # 1 decoder block, only the bundle's own vision graph, fewer roofline repeats
+    quick: bool = False  # 1 decoder block, the bundle's vision graph only, no PyTorch path, one process per path
     shape: str = "small"  # llava7b decoder depth: "small" (2 blocks, 1 when quick) or "7b" (all 32)
     cases: tuple[str, ...] = ("demo", "llava7b")
     torch_baseline: bool = True
@@ -38,7 +38,7 @@ class BenchConfig:
 
 def case_paths(case: Case, cfg: BenchConfig) -> list[str]:
     paths = ["edge", "edge_vision", "mtmd_vision", "handler", "plain"]
-    return paths + (["torch"] if cfg.torch_baseline and _torch_fits(case) else [])
+    return paths + (["torch"] if cfg.torch_baseline and not cfg.quick and _torch_fits(case) else [])
 
 
 def _torch_fits(case: Case) -> bool:
@@ -72,7 +72,8 @@ def run_bench(cfg: BenchConfig) -> dict:
     # Decode speed varies by a few % from one process to the next (memory placement), more than between the
     # two paths, so edge and plain get a second process each, run after the others, and their medians are pooled.
     jobs = [(case, path) for case in cases for path in case_paths(case, cfg)]
-    jobs += [(case, path) for case in cases for path in ("edge", "plain")]
+    if not cfg.quick:
+        jobs += [(case, path) for case in cases for path in ("edge", "plain")]
     results: dict[str, dict] = {case.name: {"case": case.to_dict(), "paths": {}} for case in cases}
     for case, path in tqdm(jobs, desc="bench", unit="path"):
         spec = {"bundle": str(case.bundle), "checkpoint": str(case.checkpoint), "image": str(case.image),
