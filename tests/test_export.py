@@ -126,12 +126,14 @@ DEMO = pipeline.Path(pipeline.__file__).resolve().parent.parent / "assets" / "de
 
 @pytest.mark.parametrize("quant,min_top1", [("Q8_0", 0.99), ("Q4_K_M", 0.90)])
 def test_demo_checkpoint_quantized_decoder_agrees_with_the_reference(tmp_path, quant, min_top1):
-    """On the trained demo model (not random weights: few near-ties), 4-bit keeps >= 90 % top-1."""
+    """On the trained demo model (not random weights: few near-ties), Q8_0 keeps >= 99 % and 4-bit >= 90 % of
+    the top-1 tokens wherever the reference's top-1 leads its top-2 by >= 0.1 logits; near-ties may flip."""
     out = tmp_path / quant
     manifest = pipeline.export_bundle(pipeline.ExportOptions(
         str(DEMO), str(out), quant=quant, vision_precision="fp32", threads=THREADS, progress=False))
     decoder = manifest["parity"]["decoder"]
     assert decoder["n_positions"] >= 64 + 64
-    assert decoder["top1_agreement"] >= min_top1, decoder
+    assert decoder["top1_agreement_clear"] >= min_top1, decoder
+    assert decoder["top1_agreement"] >= min_top1 - 0.02, decoder
     assert manifest["parity"]["tokenizer"]["identical"]
     assert manifest["parity"]["vision"]["cosine_min"] >= 0.99999

@@ -357,3 +357,12 @@ def test_bad_names_and_interrupted_export(ckpts, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_decoder_gguf(source, tmp_path / "half.gguf", "F16", progress=False)
     assert not (tmp_path / "half.gguf").exists()
+
+
+def test_near_ties_are_counted_apart():
+    ref = np.array([[2.0, 1.95, 0.0], [3.0, 0.0, 0.0], [0.0, 5.0, 1.0]])
+    cand = np.array([[1.9, 2.0, 0.0], [3.0, 0.1, 0.0], [0.0, 1.0, 5.0]])  # a near-tie flipped, a clear one flipped
+    got = compare_logits(ref, cand)
+    assert got["top1_agreement"] == pytest.approx(1 / 3)
+    assert got["top1_agreement_clear"] == pytest.approx(1 / 2)
+    assert got["mismatch_positions"] == [0, 2]

@@ -76,11 +76,16 @@ def gguf_logits(
         llm.close()
 
 
+NEAR_TIE = 0.1  # logits: a reference top-1 this close to its top-2 may flip under any rounding
+
+
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """Argmax agreement per position, max |Δlogit|, mean KL(reference ‖ candidate) in nats."""
     ref = reference.astype(np.float64)
     cand = candidate.astype(np.float64)
     agree = ref.argmax(-1) == cand.argmax(-1)
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] >= NEAR_TIE  # positions where the reference is not split between two tokens
     log_p = ref - _logsumexp(ref)
     log_q = cand - _logsumexp(cand)
     kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
@@ -88,6 +93,7 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
         "n_positions": len(agree),
         "argmax_identical": bool(agree.all()),
         "top1_agreement": float(agree.mean()),
+        "top1_agreement_clear": float(agree[clear].mean()) if clear.any() else 1.0,  # reference margin >= NEAR_TIE
         "mismatch_positions": [int(i) for i in np.flatnonzero(~agree)],
         "max_abs_diff": float(np.abs(ref - cand).max()),
         "mean_kl": float(kl.mean()),
