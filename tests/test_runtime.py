@@ -217,3 +217,14 @@ def test_bundle_with_another_models_decoder_is_refused(tmp_path):
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="n_embd"):
         ChatSession.open(bad, threads=THREADS)
+
+
+def test_stop_strings_cut_the_answer_and_hold_back_their_prefixes():
+    from llava_edge.conversation import stop_strings
+    from llava_edge.runtime.session import _first_stop, _held_back
+
+    assert stop_strings("vicuna_v1") == [] and stop_strings("plain") == ["\n"] and stop_strings("llava_hf") == ["USER:"]
+    assert _first_stop("A cat. USER: more", ["USER:"]) == 7
+    assert _first_stop("A cat.", ["USER:"]) is None
+    assert _held_back("A cat. US", ["USER:"]) == 2  # "US" might start "USER:": not streamed yet
+    assert _held_back("A cat. UX", ["USER:"]) == 0
