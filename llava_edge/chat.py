@@ -32,10 +32,7 @@ def repl(session: ChatSession, image: Path, sampling: SamplingConfig) -> None:
     while True:
         try:
             line = input("USER: ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        except KeyboardInterrupt:
+        except (EOFError, KeyboardInterrupt):  # end of input, or Ctrl-C at the prompt: leave
             print(file=sys.stderr)
             return
         line = line.strip()

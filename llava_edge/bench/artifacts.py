@@ -9,7 +9,6 @@ llava7b  LLaVA-1.5-7B shapes with random weights (compute does not depend on the
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,8 +141,3 @@ def _reference_embeddings(ckpt: Path, image: Path, out: Path) -> Path:
         embeds = model.encode_images(torch.from_numpy(pixels)[None])[0].numpy()
     np.save(out, embeds)
     return out
-
-
-def write_case_file(case: Case, path: Path) -> None:
-    path.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in case.__dict__.items()
-                                if k != "vision_graphs"} | {"vision_graphs": {k: str(v) for k, v in case.vision_graphs.items()}}))

@@ -62,6 +62,9 @@ class Decoder:
         if token not in self._pieces:
             buf = ctypes.create_string_buffer(64)
             n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            if n < 0:  # a longer piece: llama.cpp says how many bytes it needs
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
             self._pieces[token] = buf.raw[: max(n, 0)]
         return self._pieces[token]
 

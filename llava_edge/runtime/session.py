@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -257,7 +256,3 @@ def _held_back(text: str, stops: list[str]) -> int:
                 longest = max(longest, k)
                 break
     return longest
-
-
-def demo_bundle_dir() -> Path:
-    return DEMO_BUNDLE

@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 from ..config import CLIP_MEAN, CLIP_STD, VisionConfig
 from ..reference.checkpoint import save_clip_vision
-from .clip_pretrain import ClipModel, ClipTrainConfig, TextTokenizer, load_pixels, lr_factor, make_optimizer, parse_caption
+from .clip_pretrain import (
+    ClipModel, ClipTrainConfig, TextTokenizer, load_pixels, lr_factor, make_optimizer, optimizer_step, parse_caption,
+)
 from .shapes import COLORS, COUNT_WORDS, SHAPES
 
 ATTRIBUTE_TEXTS = [f"a {color} {shape}." for color in COLORS for shape in SHAPES]
@@ -132,15 +134,9 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
             cls_sim, patch_sim = image_scores(model, head, pixels[idx], text)
             scale = model.logit_scale.exp()
             loss = multi_positive_loss(scale * cls_sim, positive) + multi_positive_loss(scale * patch_sim, positive)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, c.logit_scale_max)
-            losses.append(loss.item())
+            losses.append(optimizer_step(model, optimizer, scheduler, loss, c.logit_scale_max))
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
         epoch_losses.append(sum(losses) / len(losses))
     bar.close()
     model.eval()

@@ -400,6 +400,17 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def optimizer_step(model: ClipModel, optimizer, scheduler, loss: torch.Tensor, logit_scale_max: float) -> float:
+    """One update; CLIP clamps its learned temperature after every step. Returns the loss value."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, logit_scale_max)
+    return loss.item()
+
+
 def train_clip(cfg: ClipTrainConfig, data_dir: str | Path, out_dir: str | Path, progress: bool = True) -> dict:
     """Train on data_dir/clip_pairs.json, write the vision tower (CLIPVisionModel dir) and clip_train.json
     to out_dir, and return the metrics."""
@@ -455,15 +466,9 @@ def train_clip(cfg: ClipTrainConfig, data_dir: str | Path, out_dir: str | Path, 
                 known = attributes_known[idx]
                 attribute_loss = F.binary_cross_entropy_with_logits(attribute_logits[known], attributes[idx][known])
                 loss = loss + cfg.attribute_loss_weight * attribute_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, cfg.logit_scale_max)
-            losses.append(loss.item())
+            losses.append(optimizer_step(model, optimizer, scheduler, loss, cfg.logit_scale_max))
             bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
         epoch_losses.append(sum(losses) / len(losses))
         line = f"epoch {epoch + 1}: loss {epoch_losses[-1]:.4f}"
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
