@@ -7,8 +7,10 @@ import torch
 
 from llava_edge.config import VisionConfig
 from llava_edge.train.clip_attributes import (
+    ATTRIBUTE_TEXTS,
     AttributeClipConfig,
     multi_positive_loss,
+    patch_labels,
     true_texts,
     train_attribute_clip,
 )
@@ -32,6 +34,21 @@ def test_shared_attributes_are_not_negatives():
     assert multi_positive_loss(sharp, diagonal) < multi_positive_loss(logits, diagonal)
 
 
+def test_patch_labels_follow_the_padded_boxes():
+    # 200x100 pads to 200x200 with 50 px above; a 4x4 grid has patches of 50 px, centres 25, 75, ...
+    record = {"size": [200, 100], "objects": [
+        {"color": "red", "shape": "circle", "bbox": [0, 0, 100, 100]},  # y 50-150 once padded: rows 1-2
+        {"color": "blue", "shape": "square", "bbox": [160, 10, 170, 20]},  # covers no centre: claims its own
+    ]}
+    red, blue, bg = ATTRIBUTE_TEXTS.index("a red circle."), ATTRIBUTE_TEXTS.index("a blue square."), 12
+    assert patch_labels(record, 4).view(4, 4).tolist() == [
+        [bg, bg, bg, bg],
+        [red, red, bg, blue],
+        [red, red, bg, bg],
+        [bg, bg, bg, bg],
+    ]
+
+
 def test_micro_run_learns_and_writes_a_clip_dir(tmp_path):
     data = tmp_path / "data"
     build_dataset(data, 96, 2, seed=3, progress=False)
@@ -41,6 +58,7 @@ def test_micro_run_learns_and_writes_a_clip_dir(tmp_path):
         text=TextEncoderConfig(width=32, layers=1, heads=2), embed_dim=16, batch_size=16, epochs=6, lr=3e-3)
     metrics = train_attribute_clip(AttributeClipConfig(clip=clip, heldout=16), data, tmp_path / "clip",
                                    progress=False)
+    assert metrics["grounded"]
     losses = metrics["epoch_losses"]
     assert losses[-1] < losses[0] - 0.1
     assert 0.0 <= metrics["heldout_attribute_set_acc"] <= 1.0

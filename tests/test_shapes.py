@@ -226,6 +226,14 @@ def test_dataset_json_has_llava_structure(dataset):
         assert by_image[rec["image"]]["caption"] == rec["conversations"][1]["value"]
         assert by_image[rec["image"]]["texts"][0] == rec["conversations"][1]["value"]
 
+    for pair in clip_pairs:  # the boxes for the tower's grounding term: each one holds its object's colour
+        pixels = np.asarray(Image.open(out / pair["image"]))
+        assert list(pixels.shape[1::-1]) == pair["size"]
+        for obj in pair["objects"]:
+            x0, y0, x1, y1 = obj["bbox"]
+            centre = pixels[(y0 + y1) // 2 + (y1 - y0) // 4, (x0 + x1) // 2].astype(int)  # below the middle
+            assert np.abs(centre - shapes.COLOR_RGB[obj["color"]]).max() <= shapes.COLOR_JITTER
+
     assert {r["question_type"] for r in test} == set(shapes.QUESTION_TYPES)
     train_images = {r["image"] for r in stage1}
     for rec in test:

@@ -8,6 +8,12 @@ Two changes to what is contrasted, not to the kind of objective, make them infor
   true of an image is a positive for it (multi-positive InfoNCE), so shared attributes are not negatives;
 - besides CLIP's pooled CLS of the last layer, an image-text score is the best match over the layer -2
   patch tokens (FILIP-style late interaction), so a single patch token must carry "red circle".
+
+A third term grounds the texts in regions (as RegionCLIP and GLIP do): each layer -2 patch token is
+contrasted against the object texts and a learned background embedding, its positive being the object
+under the patch centre (the world knows every object's box). Without it, a patch token carries its
+colour well but its object's shape poorly, and the LLM then finds "the red object" but not "the circle"
+(measured: "What shape is the red object?" 94 %, "What color is the circle?" 67 % with three objects).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ ATTRIBUTE_TEXTS = [f"a {color} {shape}." for color in COLORS for shape in SHAPES
 def demo_clip_config() -> ClipTrainConfig:
     vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                           image_size=112, patch_size=14)
-    return ClipTrainConfig(vision=vision, batch_size=64, epochs=18, lr=1e-3)
+    return ClipTrainConfig(vision=vision, batch_size=64, epochs=12, lr=1e-3)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class AttributeClipConfig:
     clip: ClipTrainConfig = field(default_factory=demo_clip_config)
     p_caption: float = 0.35
     p_object: float = 0.5  # the rest: the count text
+    grounding_weight: float = 1.0  # the patch-to-object-text term; 0 turns it off
     heldout: int = 500  # the last images of clip_pairs.json, kept out of training for the metric
     seed: int = 0
 
@@ -69,18 +76,20 @@ class PatchHead(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, embed_dim)
+        self.background = nn.Parameter(torch.randn(embed_dim) * 0.02)  # the grounding term's "no object" text
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.proj(self.norm(patches)), dim=-1)
 
 
 def image_scores(model: ClipModel, head: PatchHead, pixels: torch.Tensor, text: torch.Tensor):
-    """(CLS-vs-text, best-patch-vs-text) similarity matrices [B_images, B_texts], before the logit scale."""
+    """(CLS-vs-text, best-patch-vs-text) similarity matrices [B_images, B_texts], before the logit scale,
+    and the unit patch embeddings [B, P, D] they came from."""
     n = model.vision.cfg.num_hidden_layers
     penultimate, last = model.vision(pixels, [n - 1, n])
     cls = F.normalize(model.visual_projection(model.vision.post_layernorm(last[:, 0])), dim=-1)
     patches = head(penultimate[:, 1:])
-    return cls @ text.T, torch.einsum("bpd,td->btp", patches, text).max(-1).values
+    return cls @ text.T, torch.einsum("bpd,td->btp", patches, text).max(-1).values, patches
 
 
 @torch.no_grad()
@@ -89,7 +98,7 @@ def attribute_set_accuracy(model, head, tokenizer, pixels, captions) -> float:
     text = model.encode_text(*tokenizer(ATTRIBUTE_TEXTS))
     hits = 0
     for start in range(0, len(pixels), 256):
-        _, scores = image_scores(model, head, pixels[start : start + 256], text)
+        _, scores, _ = image_scores(model, head, pixels[start : start + 256], text)
         for row, caption in zip(scores, captions[start : start + 256]):
             truth = {ATTRIBUTE_TEXTS.index(f"a {c} {s}.") for c, s in parse_caption(caption)}
             hits += set(row.topk(len(truth)).indices.tolist()) == truth
@@ -112,6 +121,10 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
     captions = [p["caption"] for p in pairs]
     facts = [true_texts(caption) for caption in captions]
     train_n = len(pairs) - cfg.heldout
+    grounded = cfg.grounding_weight > 0 and all("objects" in p for p in pairs)
+    if grounded:
+        grid = c.vision.image_size // c.vision.patch_size
+        labels = torch.stack([patch_labels(p, grid) for p in pairs])
 
     model, head = ClipModel(c, tokenizer.vocab_size), PatchHead(c.vision.hidden_size, c.embed_dim)
     model.head = head  # registered so that the optimizer sees it
@@ -130,10 +143,13 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
             idx = order[step * c.batch_size : (step + 1) * c.batch_size]
             texts = [sample_text(captions[i], rng, cfg) for i in idx]
             positive = torch.tensor([[t in facts[i] for t in texts] for i in idx])
-            text = model.encode_text(*tokenizer(texts))
-            cls_sim, patch_sim = image_scores(model, head, pixels[idx], text)
+            text = model.encode_text(*tokenizer(texts + ATTRIBUTE_TEXTS))
+            text, attribute_text = text[: len(idx)], text[len(idx) :]
+            cls_sim, patch_sim, patches = image_scores(model, head, pixels[idx], text)
             scale = model.logit_scale.exp()
             loss = multi_positive_loss(scale * cls_sim, positive) + multi_positive_loss(scale * patch_sim, positive)
+            if grounded:
+                loss = loss + cfg.grounding_weight * grounding_loss(model, head, patches, labels[idx], attribute_text)
             losses.append(optimizer_step(model, optimizer, scheduler, loss, c.logit_scale_max))
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -144,12 +160,42 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
         "epoch_losses": epoch_losses,
         "heldout_attribute_set_acc": attribute_set_accuracy(model, head, tokenizer, pixels[train_n:], captions[train_n:]),
         "n_train": train_n,
+        "grounded": grounded,
         "steps": total,
         "seconds": round(time.perf_counter() - start, 1),
     }
     save_clip_vision(model.vision, out_dir, CLIP_MEAN, CLIP_STD)
     (out_dir / "clip_train.json").write_text(json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2))
     return metrics
+
+
+def patch_labels(record: dict, grid: int) -> torch.Tensor:
+    """[grid * grid] index into ATTRIBUTE_TEXTS of the object under each patch centre, after LLaVA's pad to
+    square; len(ATTRIBUTE_TEXTS) for background. An object that covers no patch centre claims the patch
+    that holds its own centre."""
+    width, height = record["size"]
+    side = max(width, height)
+    dx, dy = (side - width) // 2, (side - height) // 2
+    labels = torch.full((grid, grid), len(ATTRIBUTE_TEXTS))
+    centres = (torch.arange(grid) + 0.5) * side / grid
+    for obj in record["objects"]:
+        x0, y0, x1, y1 = obj["bbox"]
+        label = ATTRIBUTE_TEXTS.index(f"a {obj['color']} {obj['shape']}.")
+        rows = (centres >= y0 + dy) & (centres < y1 + dy)
+        cols = (centres >= x0 + dx) & (centres < x1 + dx)
+        if rows.any() and cols.any():
+            labels[rows[:, None] & cols[None, :]] = label
+        else:
+            labels[int((y0 + y1) / 2 + dy) * grid // side, int((x0 + x1) / 2 + dx) * grid // side] = label
+    return labels.flatten()
+
+
+def grounding_loss(model: ClipModel, head: PatchHead, patches: torch.Tensor, labels: torch.Tensor,
+                   attribute_text: torch.Tensor) -> torch.Tensor:
+    """Each unit patch embedding [B, P, D] against the object texts and the background (InfoNCE per patch)."""
+    classes = torch.cat([attribute_text, F.normalize(head.background, dim=0)[None]])
+    logits = model.logit_scale.exp() * patches @ classes.T
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
 def sample_text(caption: str, rng: random.Random, cfg: AttributeClipConfig) -> str:

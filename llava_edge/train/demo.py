@@ -51,7 +51,7 @@ class DemoConfig:
     stage1_epochs: float = 1.0
     stage1_lr: float = 1e-3
     stage2_epochs: float = 8.0
-    stage2_lr: float = 5e-4
+    stage2_lr: float = 1.5e-3  # 5e-4 underfits (77.6 % held-out), 3e-3 is unstable (64 %)
     micro_batch_size: int = 16
     stage1_batch: int = 32
     stage2_batch: int = 32

@@ -213,6 +213,11 @@ def questions_for(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str
     return out
 
 
+def object_boxes(scene: Scene) -> list[dict]:
+    """Where each object is, for the tower's patch-level grounding loss."""
+    return [{"color": o.color, "shape": o.shape, "bbox": list(o.bbox)} for o in scene.objects]
+
+
 def clip_texts(scene: Scene) -> list[str]:
     """Texts that describe the scene, for the contrastive pretraining of the vision tower."""
     ordered = _ordered(scene)
@@ -329,7 +334,8 @@ def build_dataset(
             cap = caption(scene)
             stage1.append({"id": image_id, "image": rel, "conversations": [_human(f"{IMAGE_TOKEN}\n"), _gpt(cap)]})
             stage2.append({"id": image_id, "image": rel, "conversations": _instruction_turns(qas, rng)})
-            clip_pairs.append({"id": image_id, "image": rel, "caption": cap, "texts": clip_texts(scene)})
+            clip_pairs.append({"id": image_id, "image": rel, "caption": cap, "texts": clip_texts(scene),
+                               "size": [scene.width, scene.height], "objects": object_boxes(scene)})
         else:
             for qtype, question, answer in qas:
                 test.append({
