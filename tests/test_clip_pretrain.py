@@ -10,12 +10,14 @@ from llava_edge.config import VisionConfig, read_json, vision_config_from_dict
 from llava_edge.image import load_image, preprocess
 from llava_edge.reference.vision import VisionTransformer
 from llava_edge.train.clip_pretrain import (
+    ClipModel,
     ClipTrainConfig,
     TextEncoderConfig,
     contrastive_loss,
     hard_negatives,
     parse_caption,
     render_text,
+    sincos_positions,
     text_style,
     train_clip,
     world_captions,
@@ -145,3 +147,23 @@ def test_identical_captions_are_not_negatives():
     # An extra (hard) negative text equal to image 2's embedding costs image 2 log 2 in the image->text term.
     with_negative = loss(together, torch.cat([together, f[None]]), same)
     assert with_negative == pytest.approx(loss(together, together, same) + math.log(2) / 6, abs=1e-4)
+
+
+def test_sincos_positions_code_row_and_column_apart():
+    v = micro_config().vision  # a 4x4 grid, width 32: rows in the first 16 features, columns in the last 16
+    table = sincos_positions(v)
+    assert table.shape == (17, 32)
+    assert torch.equal(table[0], torch.zeros(32))  # CLS has no place
+    grid = table[1:].reshape(4, 4, 32)
+    assert torch.equal(grid[:, :1, :16].expand(4, 4, 16), grid[..., :16])  # same row, same first half
+    assert torch.equal(grid[:1, :, 16:].expand(4, 4, 16), grid[..., 16:])  # same column, same second half
+    assert torch.equal(grid[0, 0], torch.cat([torch.zeros(8), torch.ones(8)] * 2))  # sin 0, cos 1
+    assert torch.allclose(grid[0, 1, 16:24], torch.sin(1.0 / 10000 ** (torch.arange(8) / 8)))
+    assert len({tuple(row.tolist()) for row in table[1:]}) == 16
+
+
+def test_tower_starts_from_sincos_positions_when_told_to():
+    on = ClipModel(micro_config(sincos_positions=True), vocab_size=64).vision.embeddings.position_embedding.weight
+    off = ClipModel(micro_config(), vocab_size=64).vision.embeddings.position_embedding.weight
+    assert torch.equal(on.detach(), sincos_positions(micro_config().vision))
+    assert off.detach().std() < 0.05

@@ -174,3 +174,13 @@ def test_demo_build_runs_end_to_end_in_miniature(tmp_path):
     assert report["eval"]["n"] > 0
     again = build_demo(cfg)
     assert again["seconds"]["stage 2"] == report["seconds"]["stage 2"]  # not retrained
+
+    from llava_edge.train.demo import install
+
+    assets = tmp_path / "package" / "assets" / "demo"
+    install(tmp_path / "demo", again, assets / "checkpoint", assets / "bundle")
+    manifest = json.loads((assets / "bundle" / "manifest.json").read_text())
+    assert manifest["source"]["path"] == "../checkpoint"  # not the build's work dir
+    assert open_bundle(assets / "bundle").decoder_file.is_file()  # the hashes still verify
+    assert load_checkpoint(assets / "checkpoint").config.text.hidden_size == 32
+    assert json.loads((assets / "demo_report.json").read_text())["targets"]["met"] in (True, False)

@@ -259,6 +259,21 @@ def test_stage2_answers_match_the_rendered_scene(dataset):
             assert gpt["value"] == _answer_from_scene(scene, qtype, question)
 
 
+
+def test_describe_always_adds_the_description_and_changes_nothing_else(dataset, tmp_path):
+    out, paths = dataset
+    other = tmp_path / "describe"
+    build_dataset(other, 12, 6, seed=3, progress=False, describe_always=True)
+    reference, changed = _tree_digest(out), _tree_digest(other)
+    assert {k for k in reference if reference[k] != changed[k]} == {"stage2.json"}
+
+    default_turns = [[t["value"] for t in r["conversations"][0::2]] for r in json.loads(paths["stage2"].read_text())]
+    turns = [[t["value"] for t in r["conversations"][0::2]] for r in json.loads((other / "stage2.json").read_text())]
+    is_describe = [[q.removeprefix("<image>\n") == shapes.DESCRIBE_QUESTION for q in conv] for conv in turns]
+    assert all(sum(flags) == 1 for flags in is_describe)
+    assert len({flags.index(True) for flags in is_describe}) > 1  # not always the same turn
+    assert not all(any(q.endswith(shapes.DESCRIBE_QUESTION) for q in conv) for conv in default_turns)
+
 # ---------------------------------------------------------------- tokenizer
 
 

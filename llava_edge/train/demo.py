@@ -10,6 +10,7 @@ Each step is skipped when its output exists, so an interrupted build continues w
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import TextConfig
+from ..export.bundle import write_manifest
 from ..export.pipeline import ExportOptions, export_bundle
 from ..reference.checkpoint import load_checkpoint, save_liuhaotian
 from .clip_attributes import AttributeClipConfig, train_attribute_clip
@@ -51,6 +53,7 @@ class DemoConfig:
     lm_lr: float = 2e-3
     stage1_epochs: float = 1.0
     stage1_lr: float = 1e-3
+    describe_always: bool = False  # True: every stage-2 conversation holds the description (tried, see README)
     stage2_epochs: float = 14.0  # 8: 82.8 % held-out, 14: 88.1 % (same tower and lr)
     stage2_lr: float = 1.5e-3  # 5e-4 underfits (77.6 % held-out), 3e-3 is unstable (64 %)
     micro_batch_size: int = 16
@@ -92,7 +95,8 @@ def build_demo(cfg: DemoConfig) -> dict:
     data = out / "data"
 
     step("shapes world", data / "test.json", report,
-         lambda: build_dataset(data, cfg.n_train_images, cfg.n_test_images, seed=cfg.seed))
+         lambda: build_dataset(data, cfg.n_train_images, cfg.n_test_images, seed=cfg.seed,
+                               describe_always=cfg.describe_always))
     clip_data = out / "clip_data"
     step("shapes world for CLIP", clip_data / "clip_pairs.json", report,
          lambda: build_dataset(clip_data, cfg.n_clip_images, 10, seed=cfg.seed + 1))
@@ -135,11 +139,21 @@ def build_demo(cfg: DemoConfig) -> dict:
     print(report["eval_table"])
 
     if cfg.install:
-        shutil.rmtree(ASSETS, ignore_errors=True)
-        shutil.copytree(checkpoint, ASSETS)
-        keep = ("seconds", "threads", "eval", "eval_table", "targets", "clip", "checkpoint_bytes", "config")
-        (ASSETS.parent / "demo_report.json").write_text(json.dumps({k: report[k] for k in keep}, indent=1) + "\n")
-        shutil.rmtree(BUNDLE_ASSETS, ignore_errors=True)
-        shutil.copytree(bundle, BUNDLE_ASSETS)
-        print(f"[demo] installed the checkpoint in {ASSETS} and its bundle in {BUNDLE_ASSETS}")
+        install(out, report)
     return report
+
+
+def install(out: Path, report: dict, checkpoint_dir: Path = ASSETS, bundle_dir: Path = BUNDLE_ASSETS) -> None:
+    """Copy the build's fp16 checkpoint, its bundle and a trimmed report into the package."""
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    shutil.copytree(out / "checkpoint", checkpoint_dir)
+    keep = ("seconds", "threads", "eval", "eval_table", "targets", "clip", "checkpoint_bytes", "config")
+    (checkpoint_dir.parent / "demo_report.json").write_text(json.dumps({k: report[k] for k in keep}, indent=1) + "\n")
+    shutil.rmtree(bundle_dir, ignore_errors=True)
+    shutil.copytree(out / "bundle", bundle_dir)
+    # The bundle was exported from the build's work dir; name the installed checkpoint instead, relative to
+    # the bundle, so the shipped manifest holds no path of the machine that built it.
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["source"]["path"] = os.path.relpath(checkpoint_dir, bundle_dir)
+    write_manifest(bundle_dir, manifest)
+    print(f"[demo] installed the checkpoint in {checkpoint_dir} and its bundle in {bundle_dir}")

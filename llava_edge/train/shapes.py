@@ -297,11 +297,17 @@ def _gpt(text: str) -> dict:
     return {"from": "gpt", "value": text}
 
 
-def _instruction_turns(qas: list[tuple[str, str, str]], rng: np.random.Generator) -> list[dict]:
+def _instruction_turns(qas: list[tuple[str, str, str]], rng: np.random.Generator, describe_always: bool) -> list[dict]:
+    """2-4 of the scene's questions in random order, as one conversation. With describe_always the
+    description is always one of them (at a random turn): it is the hardest answer to learn."""
     n_turns = min(len(qas), int(rng.integers(2, 5)))
-    picked = [qas[i] for i in rng.permutation(len(qas))[:n_turns]]
+    order = list(rng.permutation(len(qas)))
+    if describe_always:
+        last = len(qas) - 1  # questions_for puts "describe" last
+        order.remove(last)
+        order.insert(int(rng.integers(n_turns)), last)
     turns: list[dict] = []
-    for k, (_, question, answer) in enumerate(picked):
+    for k, (_, question, answer) in enumerate(qas[i] for i in order[:n_turns]):
         turns += [_human(f"{IMAGE_TOKEN}\n{question}" if k == 0 else question), _gpt(answer)]
     return turns
 
@@ -312,7 +318,7 @@ def _write_json(path: Path, records: list[dict]) -> None:
 
 def build_dataset(
     out_dir: str | Path, n_train_images: int, n_test_images: int, seed: int = 0,
-    vocab_size: int = 512, progress: bool = True,
+    vocab_size: int = 512, progress: bool = True, describe_always: bool = False,
 ) -> dict[str, Path]:
     """Render the world into out_dir: images/, stage1.json (captions), stage2.json (instructions),
     test.json (held-out images, one scored question per record), clip_pairs.json, tokenizer.model."""
@@ -333,7 +339,7 @@ def build_dataset(
         if split == "train":
             cap = caption(scene)
             stage1.append({"id": image_id, "image": rel, "conversations": [_human(f"{IMAGE_TOKEN}\n"), _gpt(cap)]})
-            stage2.append({"id": image_id, "image": rel, "conversations": _instruction_turns(qas, rng)})
+            stage2.append({"id": image_id, "image": rel, "conversations": _instruction_turns(qas, rng, describe_always)})
             clip_pairs.append({"id": image_id, "image": rel, "caption": cap, "texts": clip_texts(scene),
                                "size": [scene.width, scene.height], "objects": object_boxes(scene)})
         else:
@@ -418,8 +424,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test", type=int, default=200, help="held-out images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=512)
+    parser.add_argument("--describe-always", action="store_true", help="every stage-2 conversation holds the description")
     args = parser.parse_args(argv)
-    paths = build_dataset(args.out_dir, args.train, args.test, args.seed, args.vocab_size)
+    paths = build_dataset(args.out_dir, args.train, args.test, args.seed, args.vocab_size,
+                          describe_always=args.describe_always)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
