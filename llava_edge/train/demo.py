@@ -88,7 +88,6 @@ def step(name: str, done: Path, report: dict, fn):
 def build_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     report_path = out / "demo_report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {"seconds": {}}
     report["config"] = asdict(cfg)
