@@ -5,6 +5,8 @@
 LLaVA feeds layer -2 patch tokens to the projector; listing objects left to right needs their column.
 This fits a least-squares linear readout from each patch token to its column (one-hot over the grid) on
 the first 5/6 of the patches and prints the column accuracy on the rest, on object and background patches.
+The images are the first ones of clip_pairs.json (the tower's own training images: this measures what the
+features hold, not how the tower generalises).
 """
 
 from __future__ import annotations

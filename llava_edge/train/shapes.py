@@ -303,9 +303,9 @@ def _instruction_turns(qas: list[tuple[str, str, str]], rng: np.random.Generator
     n_turns = min(len(qas), int(rng.integers(2, 5)))
     order = list(rng.permutation(len(qas)))
     if describe_always:
-        last = len(qas) - 1  # questions_for puts "describe" last
-        order.remove(last)
-        order.insert(int(rng.integers(n_turns)), last)
+        describe = next(i for i, (qtype, _, _) in enumerate(qas) if qtype == "describe")
+        order.remove(describe)
+        order.insert(int(rng.integers(n_turns)), describe)
     turns: list[dict] = []
     for k, (_, question, answer) in enumerate(qas[i] for i in order[:n_turns]):
         turns += [_human(f"{IMAGE_TOKEN}\n{question}" if k == 0 else question), _gpt(answer)]
