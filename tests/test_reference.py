@@ -103,3 +103,20 @@ def test_sampling_is_seeded_and_top_p_restricts():
     draws = {sample_token(logits, 1.0, 1.0, torch.Generator().manual_seed(s)) for s in range(30)}
     assert draws == {0, 1}
     assert sample_token(logits, 0.0, 1.0) == 0
+
+
+def test_cpu_bf16_autocast_stays_close_to_transformers_fp32(pair):
+    """The training path under CPU bf16 autocast (attention done in fp32) still computes the same model."""
+    hf, ours = pair
+    pix = pixels(1, hf.config.vision_config.image_size, seed=7)
+    with torch.no_grad():
+        expected = hf(input_ids=hf_ids(PROMPT, hf), pixel_values=pix).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, loss = ours(torch.tensor([PROMPT]), pixel_values=pix, labels=torch.tensor([PROMPT]))
+    loss.backward()
+    grads = [p.grad for p in ours.parameters() if p.grad is not None]
+    ours.zero_grad(set_to_none=True)
+    assert got.dtype == torch.bfloat16
+    scale = expected.abs().max().item()
+    assert (got.float() - expected).abs().max().item() <= 0.05 * scale
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -41,7 +41,7 @@ ATTRIBUTE_TEXTS = [f"a {color} {shape}." for color in COLORS for shape in SHAPES
 def demo_clip_config() -> ClipTrainConfig:
     vision = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                           image_size=112, patch_size=14)
-    return ClipTrainConfig(vision=vision, batch_size=64, epochs=12, lr=1e-3)
+    return ClipTrainConfig(vision=vision, batch_size=64, epochs=12, lr=1e-3, sincos_positions=True)
 
 
 @dataclass

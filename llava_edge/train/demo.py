@@ -42,7 +42,7 @@ def demo_text_config() -> dict:
 @dataclass
 class DemoConfig:
     out_dir: str = "runs/demo"
-    n_train_images: int = 3000
+    n_train_images: int = 6000
     n_test_images: int = 300
     n_clip_images: int = 12000  # a separate, larger draw of the world for the CLIP tower
     seed: int = 0
@@ -53,9 +53,10 @@ class DemoConfig:
     lm_lr: float = 2e-3
     stage1_epochs: float = 1.0
     stage1_lr: float = 1e-3
-    describe_always: bool = False  # True: every stage-2 conversation holds the description (tried, see README)
-    stage2_epochs: float = 14.0  # 8: 82.8 % held-out, 14: 88.1 % (same tower and lr)
+    describe_always: bool = True  # every stage-2 conversation holds the description, at a random turn
+    stage2_epochs: float = 8.0  # with 6000 images, description always: 92.4 % held-out (see README)
     stage2_lr: float = 1.5e-3  # 5e-4 underfits (77.6 % held-out), 3e-3 is unstable (64 %)
+    stage2_bf16: str = "auto"  # auto: on where the CPU multiplies bf16 natively (AMX), or on a bf16 GPU
     micro_batch_size: int = 16
     stage1_batch: int = 32
     stage2_batch: int = 32
@@ -72,6 +73,14 @@ def text_only_records(stage2_json: Path, out_json: Path) -> Path:
         text.append({"id": r["id"] + "_text", "conversations": turns})
     out_json.write_text(json.dumps(text))
     return out_json
+
+
+def resolve_bf16(setting: str) -> str:
+    """The recipe's "auto" means bf16 on CUDA only. On a CPU with AMX, bf16 autocast makes the demo's
+    stage 2 about 1.25x faster (measured on 1 thread); elsewhere it would be slower, so it stays off."""
+    if setting != "auto" or torch.cuda.is_available():
+        return setting
+    return "on" if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() else "off"
 
 
 def step(name: str, done: Path, report: dict, fn):
@@ -113,7 +122,7 @@ def build_demo(cfg: DemoConfig) -> dict:
     step("stage 2", out / "stage2" / "model.safetensors", report, lambda: train(TrainConfig(
         stage="stage2", data=str(data / "stage2.json"), output_dir=str(out / "stage2"), llm=str(out / "llm"),
         vision_tower=str(out / "clip"), projector=str(out / "stage1" / "mm_projector.bin"), lr=cfg.stage2_lr,
-        epochs=cfg.stage2_epochs, global_batch_size=cfg.stage2_batch, **common)))
+        epochs=cfg.stage2_epochs, global_batch_size=cfg.stage2_batch, bf16=resolve_bf16(cfg.stage2_bf16), **common)))
 
     checkpoint = out / "checkpoint"
     step("fp16 checkpoint", checkpoint / "model.safetensors", report, lambda: save_liuhaotian(
