@@ -259,7 +259,6 @@ def test_stage2_answers_match_the_rendered_scene(dataset):
             assert gpt["value"] == _answer_from_scene(scene, qtype, question)
 
 
-
 def test_describe_always_adds_the_description_and_changes_nothing_else(dataset, tmp_path):
     out, paths = dataset
     other = tmp_path / "describe"
@@ -273,6 +272,7 @@ def test_describe_always_adds_the_description_and_changes_nothing_else(dataset, 
     assert all(sum(flags) == 1 for flags in is_describe)
     assert len({flags.index(True) for flags in is_describe}) > 1  # not always the same turn
     assert not all(any(q.endswith(shapes.DESCRIBE_QUESTION) for q in conv) for conv in default_turns)
+
 
 # ---------------------------------------------------------------- tokenizer
 
