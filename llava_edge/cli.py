@@ -98,6 +98,7 @@ def train(
     model_max_length: int = typer.Option(2048),
     group_by_modality_length: bool = typer.Option(False),
     gradient_checkpointing: bool = typer.Option(False),
+    cache_images: bool = typer.Option(False, help="keep preprocessed images in memory (many epochs, few images)"),
     bf16: str = typer.Option("auto", help="auto|on|off"),
     lora_r: int = typer.Option(0, help="stage2: LoRA rank (0 = train the LLM in full)"),
     lora_alpha: float = typer.Option(16.0),

@@ -10,6 +10,7 @@ from llava_edge.train.clip_attributes import (
     ATTRIBUTE_TEXTS,
     AttributeClipConfig,
     multi_positive_loss,
+    patch_columns,
     patch_labels,
     true_texts,
     train_attribute_clip,
@@ -49,6 +50,20 @@ def test_patch_labels_follow_the_padded_boxes():
     ]
 
 
+def test_patch_columns_give_object_patches_their_object_centre():
+    # the same padded 200x200 square; 8 bins of 25 px: background patch centres 25, 75, 125, 175 -> bins 1, 3, 5, 7
+    record = {"size": [200, 100], "objects": [
+        {"color": "red", "shape": "circle", "bbox": [0, 0, 100, 100]},  # centre x 50 -> bin 2
+        {"color": "blue", "shape": "square", "bbox": [160, 10, 170, 20]},  # covers no patch centre: no change
+    ]}
+    assert patch_columns(record, 4, 8).view(4, 4).tolist() == [
+        [1, 3, 5, 7],
+        [2, 2, 5, 7],
+        [2, 2, 5, 7],
+        [1, 3, 5, 7],
+    ]
+
+
 def test_micro_run_learns_and_writes_a_clip_dir(tmp_path):
     data = tmp_path / "data"
     build_dataset(data, 96, 2, seed=3, progress=False)
@@ -58,7 +73,7 @@ def test_micro_run_learns_and_writes_a_clip_dir(tmp_path):
         text=TextEncoderConfig(width=32, layers=1, heads=2), embed_dim=16, batch_size=16, epochs=6, lr=3e-3)
     metrics = train_attribute_clip(AttributeClipConfig(clip=clip, heldout=16), data, tmp_path / "clip",
                                    progress=False)
-    assert metrics["grounded"]
+    assert metrics["grounded"] and metrics["positioned"]
     losses = metrics["epoch_losses"]
     assert losses[-1] < losses[0] - 0.1
     assert 0.0 <= metrics["heldout_attribute_set_acc"] <= 1.0

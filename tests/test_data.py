@@ -342,6 +342,24 @@ def test_dataset_items_and_collate(tmp_path, sp):
     assert text_only["pixel_values"] is None and text_only["has_image"].tolist() == [False]
 
 
+def test_image_cache_reads_each_file_once_and_gives_the_same_pixels(tmp_path, sp, monkeypatch):
+    import llava_edge.train.data as data_module
+
+    shutil.copy(DATA / "coffee.jpg", tmp_path / "coffee.jpg")
+    records = [{"id": str(i), "image": "coffee.jpg", "conversations": conv("<image>\nWhat is this?", "Coffee.")}
+               for i in range(3)]
+    reads = []
+    monkeypatch.setattr(data_module, "load_image", lambda path: reads.append(path) or load_image(path))
+    plain = LlavaDataset(records, "v1", sp.encode, 1, 2, image_folder=tmp_path, image_size=28)
+    cached = LlavaDataset(records, "v1", sp.encode, 1, 2, image_folder=tmp_path, image_size=28, cache_images=True)
+    expected = [plain[i]["pixel_values"] for i in range(3)]
+    assert len(reads) == 3
+    got = [cached[i]["pixel_values"] for i in (0, 1, 2, 0)]
+    assert len(reads) == 4  # one read for the three records of the same image
+    for g, e in zip(got, expected + expected[:1]):
+        assert torch.equal(g, e)
+
+
 # ---- modality-grouped batches ---------------------------------------------------------------------------------
 
 

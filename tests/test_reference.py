@@ -94,6 +94,19 @@ def test_padded_batch_matches_single_rows(pair):
     assert (together[1, :n] - alone_b[0]).abs().max().item() <= 1e-4
 
 
+def test_mask_is_skipped_only_where_plain_causal_attention_is_exact():
+    from llava_edge.reference.llama import attention_mask
+
+    neg = torch.finfo(torch.float32).min
+    right = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert attention_mask(right, 3, 0, torch.float32, "cpu") is None
+    assert attention_mask(None, 3, 0, torch.float32, "cpu") is None
+    left = attention_mask(torch.tensor([[1, 1, 1], [0, 1, 1]]), 3, 0, torch.float32, "cpu")
+    assert left[1, 0, 2].tolist() == [neg, 0.0, 0.0] and left[0, 0, 0].tolist() == [0.0, neg, neg]
+    cached = attention_mask(None, 1, 2, torch.float32, "cpu")  # decoding one token after two cached ones
+    assert cached is not None and cached[0, 0, 0].tolist() == [0.0, 0.0, 0.0]
+
+
 def test_sampling_is_seeded_and_top_p_restricts():
     from llava_edge.reference.llava import sample_token
 

@@ -86,9 +86,11 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         if x.device.type == "cpu" and torch.bfloat16 in (q.dtype, v.dtype):
             # under CPU bf16 autocast: torch's CPU flash-attention backward is ~4x slower in bf16 than in fp32
-            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask.float()).to(v.dtype)
+            mask = None if mask is None else mask.float()
+            y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None)
+            y = y.to(v.dtype)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -116,8 +118,15 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(attn_2d: torch.Tensor | None, q_len: int, past: int, dtype, device) -> torch.Tensor:
-    """Additive [B|1, 1, q_len, past+q_len] mask: causal, plus padded keys hidden where attn_2d is 0."""
+def attention_mask(attn_2d: torch.Tensor | None, q_len: int, past: int, dtype, device) -> torch.Tensor | None:
+    """Additive [B|1, 1, q_len, past+q_len] mask: causal, plus padded keys hidden where attn_2d is 0.
+
+    None when plain causal attention is exact: no cache and no padding before a real position. Training
+    batches are right-padded, and a real position never attends to the padding after it; the fused
+    causal kernel then skips building and reading a [B, 1, T, T] mask.
+    """
+    if past == 0 and (attn_2d is None or not bool((attn_2d[:, 1:] > attn_2d[:, :-1]).any())):
+        return None
     total = past + q_len
     q_pos = torch.arange(past, total, device=device)[:, None]
     allowed = torch.arange(total, device=device)[None, :] <= q_pos  # [q, k]

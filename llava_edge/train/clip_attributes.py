@@ -14,6 +14,11 @@ contrasted against the object texts and a learned background embedding, its posi
 under the patch centre (the world knows every object's box). Without it, a patch token carries its
 colour well but its object's shape poorly, and the LLM then finds "the red object" but not "the circle"
 (measured: "What shape is the red object?" 94 %, "What color is the circle?" 67 % with three objects).
+
+A fourth term makes each layer -2 patch token say which column its object's centre is in (a linear readout,
+cross-entropy over 16 columns; background patches say their own). Descriptions list objects left to right;
+without this term a linear probe read the column from only 61 % of object patches, and most wrong
+descriptions had the right objects in the wrong order.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ class AttributeClipConfig:
     p_caption: float = 0.35
     p_object: float = 0.5  # the rest: the count text
     grounding_weight: float = 1.0  # the patch-to-object-text term; 0 turns it off
+    position_weight: float = 0.5  # the patch-to-object-column term (needs boxes too); 0 turns it off
+    position_bins: int = 16  # columns of the padded square that term tells apart (finer than the patches)
     heldout: int = 500  # the last images of clip_pairs.json, kept out of training for the metric
     seed: int = 0
 
@@ -84,12 +91,12 @@ class PatchHead(nn.Module):
 
 def image_scores(model: ClipModel, head: PatchHead, pixels: torch.Tensor, text: torch.Tensor):
     """(CLS-vs-text, best-patch-vs-text) similarity matrices [B_images, B_texts], before the logit scale,
-    and the unit patch embeddings [B, P, D] they came from."""
+    the unit patch embeddings [B, P, D] they came from, and the layer -2 patch tokens [B, P, W] under those."""
     n = model.vision.cfg.num_hidden_layers
     penultimate, last = model.vision(pixels, [n - 1, n])
     cls = F.normalize(model.visual_projection(model.vision.post_layernorm(last[:, 0])), dim=-1)
     patches = head(penultimate[:, 1:])
-    return cls @ text.T, torch.einsum("bpd,td->btp", patches, text).max(-1).values, patches
+    return cls @ text.T, torch.einsum("bpd,td->btp", patches, text).max(-1).values, patches, penultimate[:, 1:]
 
 
 @torch.no_grad()
@@ -98,7 +105,7 @@ def attribute_set_accuracy(model, head, tokenizer, pixels, captions) -> float:
     text = model.encode_text(*tokenizer(ATTRIBUTE_TEXTS))
     hits = 0
     for start in range(0, len(pixels), 256):
-        _, scores, _ = image_scores(model, head, pixels[start : start + 256], text)
+        _, scores, _, _ = image_scores(model, head, pixels[start : start + 256], text)
         for row, caption in zip(scores, captions[start : start + 256]):
             truth = {ATTRIBUTE_TEXTS.index(f"a {c} {s}.") for c, s in parse_caption(caption)}
             hits += set(row.topk(len(truth)).indices.tolist()) == truth
@@ -122,12 +129,17 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
     facts = [true_texts(caption) for caption in captions]
     train_n = len(pairs) - cfg.heldout
     grounded = cfg.grounding_weight > 0 and all("objects" in p for p in pairs)
+    grid = c.vision.image_size // c.vision.patch_size
     if grounded:
-        grid = c.vision.image_size // c.vision.patch_size
         labels = torch.stack([patch_labels(p, grid) for p in pairs])
+    positioned = cfg.position_weight > 0 and all("objects" in p for p in pairs)
+    if positioned:
+        columns = torch.stack([patch_columns(p, grid, cfg.position_bins) for p in pairs])
 
     model, head = ClipModel(c, tokenizer.vocab_size), PatchHead(c.vision.hidden_size, c.embed_dim)
     model.head = head  # registered so that the optimizer sees it
+    if positioned:
+        model.column_head = nn.Sequential(nn.LayerNorm(c.vision.hidden_size), nn.Linear(c.vision.hidden_size, cfg.position_bins))
     model.train()
     optimizer = make_optimizer(model, c)
     steps_per_epoch = train_n // c.batch_size
@@ -145,11 +157,14 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
             positive = torch.tensor([[t in facts[i] for t in texts] for i in idx])
             text = model.encode_text(*tokenizer(texts + ATTRIBUTE_TEXTS))
             text, attribute_text = text[: len(idx)], text[len(idx) :]
-            cls_sim, patch_sim, patches = image_scores(model, head, pixels[idx], text)
+            cls_sim, patch_sim, patches, tokens = image_scores(model, head, pixels[idx], text)
             scale = model.logit_scale.exp()
             loss = multi_positive_loss(scale * cls_sim, positive) + multi_positive_loss(scale * patch_sim, positive)
             if grounded:
                 loss = loss + cfg.grounding_weight * grounding_loss(model, head, patches, labels[idx], attribute_text)
+            if positioned:
+                column_logits = model.column_head(tokens)
+                loss = loss + cfg.position_weight * F.cross_entropy(column_logits.flatten(0, 1), columns[idx].flatten())
             losses.append(optimizer_step(model, optimizer, scheduler, loss, c.logit_scale_max))
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -161,6 +176,7 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
         "heldout_attribute_set_acc": attribute_set_accuracy(model, head, tokenizer, pixels[train_n:], captions[train_n:]),
         "n_train": train_n,
         "grounded": grounded,
+        "positioned": positioned,
         "steps": total,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -188,6 +204,24 @@ def patch_labels(record: dict, grid: int) -> torch.Tensor:
         else:
             labels[int((y0 + y1) / 2 + dy) * grid // side, int((x0 + x1) / 2 + dx) * grid // side] = label
     return labels.flatten()
+
+
+def patch_columns(record: dict, grid: int, bins: int) -> torch.Tensor:
+    """[grid * grid] column bin (of `bins` across the padded square) that each patch should report: the
+    centre column of the object under the patch centre, else the patch's own (also for an object that covers
+    no patch centre). Descriptions list objects left to right, so every patch of an object should carry
+    where that object is."""
+    width, height = record["size"]
+    side = max(width, height)
+    dx, dy = (side - width) // 2, (side - height) // 2
+    centres = (torch.arange(grid) + 0.5) * side / grid
+    columns = (centres * bins / side).long().clamp(max=bins - 1)[None, :].expand(grid, grid).clone()
+    for obj in record["objects"]:
+        x0, y0, x1, y1 = obj["bbox"]
+        rows = (centres >= y0 + dy) & (centres < y1 + dy)
+        cols = (centres >= x0 + dx) & (centres < x1 + dx)
+        columns[rows[:, None] & cols[None, :]] = min(bins - 1, int(((x0 + x1) / 2 + dx) * bins / side))
+    return columns.flatten()
 
 
 def grounding_loss(model: ClipModel, head: PatchHead, patches: torch.Tensor, labels: torch.Tensor,

@@ -147,6 +147,7 @@ class LlavaDataset(Dataset):
         aspect: str = "pad",
         model_max_length: int = 2048,
         image_token_id: int = IMAGE_TOKEN_INDEX,
+        cache_images: bool = False,
     ):
         self.records = records
         self.template = template
@@ -160,6 +161,8 @@ class LlavaDataset(Dataset):
         self.aspect = aspect
         self.model_max_length = model_max_length
         self.image_token_id = image_token_id
+        # Preprocessed pixels kept in memory after their first use (a small dataset read for many epochs)
+        self.pixel_cache: dict[str, torch.Tensor] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -171,14 +174,21 @@ class LlavaDataset(Dataset):
         )
         pixel_values = None
         if "image" in record:
-            img = load_image(self.image_folder / record["image"])
-            pixels = preprocess(img, self.image_size, self.mean, self.std, self.aspect)
-            pixel_values = torch.from_numpy(pixels)
+            pixel_values = self.pixels(record["image"])
         return {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "pixel_values": pixel_values,
         }
+
+    def pixels(self, image: str) -> torch.Tensor:
+        if self.pixel_cache is not None and image in self.pixel_cache:
+            return self.pixel_cache[image]
+        img = load_image(self.image_folder / image)
+        pixels = torch.from_numpy(preprocess(img, self.image_size, self.mean, self.std, self.aspect))
+        if self.pixel_cache is not None:
+            self.pixel_cache[image] = pixels
+        return pixels
 
     def modality_lengths(self) -> list[int]:
         """LLaVA's length proxy: words in the conversation, positive with an image, negative without."""

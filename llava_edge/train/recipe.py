@@ -77,6 +77,7 @@ class TrainConfig:
     resume: bool = False
     seed: int = 42
     num_workers: int = 0
+    cache_images: bool = False  # keep preprocessed pixels in memory (epochs over a small image set)
     log_every: int = 1
     progress: bool = True
     stop_after_steps: int | None = None  # stop (with a checkpoint) as if killed there; for tests
@@ -437,7 +438,8 @@ def make_dataset(cfg: TrainConfig, llava_cfg, tokenizer_path: Path) -> LlavaData
         )
     return LlavaDataset(
         records, cfg.template, sp.encode, sp.bos_id(), sp.eos_id(),
-        image_folder=cfg.image_folder or Path(cfg.data).parent, model_max_length=cfg.model_max_length, **kwargs,
+        image_folder=cfg.image_folder or Path(cfg.data).parent, model_max_length=cfg.model_max_length,
+        cache_images=cfg.cache_images, **kwargs,
     )
 
 
