@@ -139,7 +139,8 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
     model, head = ClipModel(c, tokenizer.vocab_size), PatchHead(c.vision.hidden_size, c.embed_dim)
     model.head = head  # registered so that the optimizer sees it
     if positioned:
-        model.column_head = nn.Sequential(nn.LayerNorm(c.vision.hidden_size), nn.Linear(c.vision.hidden_size, cfg.position_bins))
+        width = c.vision.hidden_size
+        model.column_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, cfg.position_bins))
     model.train()
     optimizer = make_optimizer(model, c)
     steps_per_epoch = train_n // c.batch_size
