@@ -186,24 +186,34 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
     return metrics
 
 
+def padded_boxes(record: dict, grid: int):
+    """Where the patch centres fall after LLaVA's pad to square: (side, centres) and, per object, the
+    [grid, grid] mask of patches whose centre it covers (possibly empty) and its centre (x, y) in the square."""
+    width, height = record["size"]
+    side = max(width, height)
+    dx, dy = (side - width) // 2, (side - height) // 2
+    centres = (torch.arange(grid) + 0.5) * side / grid
+    objects = []
+    for obj in record["objects"]:
+        x0, y0, x1, y1 = obj["bbox"]
+        rows = (centres >= y0 + dy) & (centres < y1 + dy)
+        cols = (centres >= x0 + dx) & (centres < x1 + dx)
+        objects.append((obj, rows[:, None] & cols[None, :], ((x0 + x1) / 2 + dx, (y0 + y1) / 2 + dy)))
+    return side, centres, objects
+
+
 def patch_labels(record: dict, grid: int) -> torch.Tensor:
     """[grid * grid] index into ATTRIBUTE_TEXTS of the object under each patch centre, after LLaVA's pad to
     square; len(ATTRIBUTE_TEXTS) for background. An object that covers no patch centre claims the patch
     that holds its own centre."""
-    width, height = record["size"]
-    side = max(width, height)
-    dx, dy = (side - width) // 2, (side - height) // 2
+    side, _, objects = padded_boxes(record, grid)
     labels = torch.full((grid, grid), len(ATTRIBUTE_TEXTS))
-    centres = (torch.arange(grid) + 0.5) * side / grid
-    for obj in record["objects"]:
-        x0, y0, x1, y1 = obj["bbox"]
+    for obj, covered, (cx, cy) in objects:
         label = ATTRIBUTE_TEXTS.index(f"a {obj['color']} {obj['shape']}.")
-        rows = (centres >= y0 + dy) & (centres < y1 + dy)
-        cols = (centres >= x0 + dx) & (centres < x1 + dx)
-        if rows.any() and cols.any():
-            labels[rows[:, None] & cols[None, :]] = label
+        if covered.any():
+            labels[covered] = label
         else:
-            labels[int((y0 + y1) / 2 + dy) * grid // side, int((x0 + x1) / 2 + dx) * grid // side] = label
+            labels[int(cy) * grid // side, int(cx) * grid // side] = label
     return labels.flatten()
 
 
@@ -212,16 +222,10 @@ def patch_columns(record: dict, grid: int, bins: int) -> torch.Tensor:
     centre column of the object under the patch centre, else the patch's own (also for an object that covers
     no patch centre). Descriptions list objects left to right, so every patch of an object should carry
     where that object is."""
-    width, height = record["size"]
-    side = max(width, height)
-    dx, dy = (side - width) // 2, (side - height) // 2
-    centres = (torch.arange(grid) + 0.5) * side / grid
+    side, centres, objects = padded_boxes(record, grid)
     columns = (centres * bins / side).long().clamp(max=bins - 1)[None, :].expand(grid, grid).clone()
-    for obj in record["objects"]:
-        x0, y0, x1, y1 = obj["bbox"]
-        rows = (centres >= y0 + dy) & (centres < y1 + dy)
-        cols = (centres >= x0 + dx) & (centres < x1 + dx)
-        columns[rows[:, None] & cols[None, :]] = min(bins - 1, int(((x0 + x1) / 2 + dx) * bins / side))
+    for _, covered, (cx, _) in objects:
+        columns[covered] = min(bins - 1, int(cx * bins / side))
     return columns.flatten()
 
 
