@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .runtime.session import ChatSession, SamplingConfig
+from .runtime.sampling import SamplingConfig
+from .runtime.session import ChatSession
 
 HELP = "commands: /image PATH (new conversation about another image), /reset (forget the questions), /quit"
 

@@ -64,7 +64,8 @@ def chat(
 ):
     """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
     from .chat import answer_once, repl
-    from .runtime.session import ChatSession, SamplingConfig
+    from .runtime.sampling import SamplingConfig
+    from .runtime.session import ChatSession
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt (the interactive chat prints text)")

@@ -55,7 +55,8 @@ def cosine(got: np.ndarray, want: np.ndarray) -> dict:
 
 
 def path_edge(spec: dict) -> dict:
-    from ..runtime.session import ChatSession, SamplingConfig
+    from ..runtime.sampling import SamplingConfig
+    from ..runtime.session import ChatSession
     from ..runtime.vision import EmbeddingCache
 
     session = ChatSession.open(spec["bundle"], threads=spec["threads"], n_ctx=spec.get("n_ctx"))

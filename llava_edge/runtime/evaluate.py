@@ -7,7 +7,8 @@ import os
 from pathlib import Path
 
 from ..scoring import EvalResult, load_test_records, question_of, score_predictions
-from .session import ChatSession, SamplingConfig
+from .sampling import SamplingConfig
+from .session import ChatSession
 
 
 def answer_with_bundle(

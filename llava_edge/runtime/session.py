@@ -22,22 +22,8 @@ from ..errors import UserError
 from .bundle import DEMO_BUNDLE, Bundle, open_bundle
 from .decoder import IMAGE_INPUT_ID, Decoder
 from .llama_loader import open_llama
+from .sampling import SamplingConfig, sample_token
 from .vision import EmbeddingCache, EncodedImage, VisionEncoder
-
-
-@dataclass
-class SamplingConfig:
-    max_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy, deterministic
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False  # keep going past EOS (benchmarks time a fixed number of tokens)
-
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise UserError(f"max tokens must be at least 1 (got {self.max_tokens})")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise UserError(f"temperature must be >= 0 and top-p in (0, 1] (got {self.temperature}, {self.top_p})")
 
 
 @dataclass
@@ -61,19 +47,6 @@ class Answer:
     def to_dict(self) -> dict:
         return {"answer": self.text, "finish_reason": self.finish_reason, "n_prompt_tokens": self.timings.n_prompt_tokens,
                 "n_generated_tokens": self.timings.n_generated, "timings": asdict(self.timings)}
-
-
-def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        keep = order[: int(np.searchsorted(np.cumsum(p[order]), top_p)) + 1]
-        return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
-    return int(rng.choice(len(p), p=p))
 
 
 class ChatSession:
