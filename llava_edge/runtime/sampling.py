@@ -16,6 +16,7 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # keep going past EOS (benchmarks time a fixed number of tokens)
+    stop: tuple[str, ...] = ()  # extra strings that end the answer (the template's own stops always apply)
 
     def __post_init__(self):
         if self.max_tokens < 1:
