@@ -23,20 +23,31 @@ _PARAMS_HOOK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _model_params(use_extra_bufts: bool):
-    original = llama_cpp_c.llama_model_default_params
+def _native_params(use_extra_bufts: bool, n_seq_max: int):
+    """Set what `Llama` has no argument for: the model's extra buffer types, the context's sequence count
+    (each of the n_seq_max sequences gets n_ctx / n_seq_max positions: kv_unified off)."""
+    model_defaults = llama_cpp_c.llama_model_default_params
+    context_defaults = llama_cpp_c.llama_context_default_params
 
-    def with_extra_bufts():
-        params = original()
+    def model_params():
+        params = model_defaults()
         params.use_extra_bufts = use_extra_bufts
         return params
 
+    def context_params():
+        params = context_defaults()
+        params.n_seq_max = n_seq_max
+        params.kv_unified = False
+        return params
+
     with _PARAMS_HOOK:
-        llama_cpp_c.llama_model_default_params = with_extra_bufts
+        llama_cpp_c.llama_model_default_params = model_params
+        llama_cpp_c.llama_context_default_params = context_params
         try:
             yield
         finally:
-            llama_cpp_c.llama_model_default_params = original
+            llama_cpp_c.llama_model_default_params = model_defaults
+            llama_cpp_c.llama_context_default_params = context_defaults
 
 
 def construct_llama(
@@ -49,12 +60,14 @@ def construct_llama(
     logits_all: bool = False,
     seed: int = 0,
     verbose: bool = False,
+    n_seq_max: int = 1,
     **llama_kwargs,
 ) -> llama_cpp.Llama:
     """A `Llama` with explicit extra-buffer-type choice; ubatch = batch, so one decode call of up to
-    n_batch positions (tokens or embeddings) is a single graph."""
+    n_batch positions (tokens or embeddings) is a single graph. n_ctx is the whole context: with
+    n_seq_max > 1 each sequence holds n_ctx / n_seq_max positions."""
     kv_type = llama_cpp.GGML_TYPE_F32 if f32_kv else None
-    with _model_params(extra_bufts):
+    with _native_params(extra_bufts, n_seq_max):
         return llama_cpp.Llama(
             model_path=str(gguf_path),
             n_ctx=n_ctx,
@@ -81,6 +94,7 @@ def open_llama(
     extra_bufts: bool | None = None,
     seed: int = 0,
     verbose: bool = False,
+    n_seq_max: int = 1,
     **llama_kwargs,
 ) -> llama_cpp.Llama:
     """Load a GGUF decoder; llama_kwargs go to `Llama` (e.g. a chat_handler). `extra_bufts=None` asks the
@@ -99,7 +113,8 @@ def open_llama(
     threads = n_threads or max(1, os.cpu_count() or 1)
     try:
         return construct_llama(
-            path, extra_bufts, n_ctx, min(n_batch, n_ctx), threads, f32_kv, logits_all, seed, verbose, **llama_kwargs
+            path, extra_bufts, n_ctx, min(n_batch, n_ctx), threads, f32_kv, logits_all, seed, verbose, n_seq_max,
+            **llama_kwargs,
         )
     except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
         raise UserError(f"{path}: llama.cpp could not load it ({e})") from None
