@@ -42,7 +42,7 @@ def test_ratios_are_edge_over_baseline():
 def test_child_peak_rss_is_its_own():
     """A child started by a process that once held 400 MB must not report those 400 MB (ru_maxrss would)."""
     code = ("import subprocess, sys; big = bytearray(400 * 2**20); big[::4096] = b'x' * len(big[::4096]); del big; "
-            "print(subprocess.run([sys.executable, '-c', 'from llava_edge.bench.paths import peak_rss_mb; "
+            "print(subprocess.run([sys.executable, '-c', 'from llava_edge.bench.measured_paths import peak_rss_mb; "
             "print(peak_rss_mb())'], capture_output=True, text=True).stdout)")
     child_mb = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout)
     assert 5 < child_mb < 300

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from gguf import GGUFReader
 
 from llava_edge.export.mmproj import write_mmproj
-from llava_edge.export.mmproj_check import llamacpp_image_embeddings
+from llava_edge.bench.llamacpp_mtmd import llamacpp_image_embeddings
 from llava_edge.export.onnx_vision import embeddings_agreement, reference_embeddings
 from llava_edge.image import load_image, preprocess
 from llava_edge.reference.checkpoint import load_checkpoint

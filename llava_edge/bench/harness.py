@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import device, roofline
-from .artifacts import Case, demo_case, llava7b_case
+from .cases import Case, demo_case, llava7b_case
 from .report import write_reports
 
 TARGETS = {  # llava-edge / baseline, as the bench issue states them
@@ -47,7 +47,7 @@ def _torch_fits(case: Case) -> bool:
 
 
 def run_path(name: str, spec: dict, timeout: float = 1800) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "llava_edge.bench.paths", name, json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "llava_edge.bench.measured_paths", name, json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:

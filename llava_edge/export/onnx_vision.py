@@ -8,7 +8,7 @@ patterns itself when a session is created.
 
 `fuse=True` also applies ONNX Runtime's offline transformer fusions (com.microsoft Attention,
 SkipLayerNormalization, QuickGelu, BiasGelu), kept only when the fused graph holds parity with the
-reference. It is off by default: on ViT-L/14-336 (bench/vision_export_measure.py, uncontended 16-core
+reference. It is off by default: on ViT-L/14-336 (experiments/vision_export_measure.py, uncontended 16-core
 Xeon, runs interleaved) fp32 fused 3.38 s vs plain 3.28 s per image at 1 thread, 0.41 vs 0.42 s at 16,
 and int8 quantized from the fused graph is slower at 1 thread (QAttention: 1.06 s vs 0.93 s). Whether
 fused Attention pays on a GPU provider was not measured.

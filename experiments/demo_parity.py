@@ -1,6 +1,6 @@
 """Demo model: the edge runtime's answers against the reference's on the held-out split (a script, not a test).
 
-    python bench/demo_parity.py --data DIR/test.json [--quants F16 Q8_0 Q4_K_M] [--threads 1] [--work DIR]
+    python experiments/demo_parity.py --data DIR/test.json [--quants F16 Q8_0 Q4_K_M] [--threads 1] [--work DIR]
 
 Exports the shipped demo checkpoint at each quant (vision precision auto, as `llava-edge export` does),
 answers every held-out question greedily with the reference (PyTorch) and with each bundle (ONNX Runtime +

@@ -1,6 +1,6 @@
 """How well a shapes-world CLIP tower's layer -2 patch tokens say where they are (a script, not a test).
 
-    python bench/tower_position_probe.py --tower DIR/clip --data DIR/clip_data [--images 600]
+    python experiments/tower_position_probe.py --tower DIR/clip --data DIR/clip_data [--images 600]
 
 LLaVA feeds layer -2 patch tokens to the projector; listing objects left to right needs their column.
 This fits a least-squares linear readout from each patch token to its column (one-hot over the grid) on

@@ -1,6 +1,6 @@
 """Measure the vision export at LLaVA-1.5-7B shapes with random weights (a script, not a test).
 
-    OMP_NUM_THREADS=1 python bench/vision_export_measure.py [--work DIR] [--threads 1 2] [--runs N]
+    OMP_NUM_THREADS=1 python experiments/vision_export_measure.py [--work DIR] [--threads 1 2] [--runs N]
                                                             [--torchscript] [--skip-static]
 
 Random ViT-L/14-336 + mlp2x_gelu 1024 -> 4096, feature layer -2, CLS dropped (576 image tokens).

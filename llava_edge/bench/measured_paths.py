@@ -1,6 +1,6 @@
 """One measured path per process, so that each peak RSS is that path's own:
 
-    python -m llava_edge.bench.paths PATH SPEC_JSON   ->  one JSON object on the last stdout line
+    python -m llava_edge.bench.measured_paths PATH SPEC_JSON   ->  one JSON object on the last stdout line
 
 edge          llava-edge: ChatSession on the bundle (ONNX Runtime vision, embeddings into llama.cpp)
 edge_vision   the case's vision graphs (fp32 / fp16 / int8) alone on ONNX Runtime
@@ -120,7 +120,7 @@ def path_edge_vision(spec: dict) -> dict:
 
 
 def path_mtmd_vision(spec: dict) -> dict:
-    from ..export.mmproj_check import llamacpp_image_embeddings
+    from .llamacpp_mtmd import llamacpp_image_embeddings
     from ..image import load_image
 
     bundle = Path(spec["bundle"])

@@ -1,6 +1,6 @@
 """Measure the decoder export at >= 1 B parameters with random weights (a script, not a test).
 
-    OMP_NUM_THREADS=1 python bench/gguf_export_measure.py [--work DIR] [--threads N] [--keep]
+    OMP_NUM_THREADS=1 python experiments/gguf_export_measure.py [--work DIR] [--threads N] [--keep]
 
 TinyLlama shapes (hidden 2048, 22 layers, ffn 5632, 32 heads / 4 KV heads, vocab 32000: 1.10 B parameters)
 written as a liuhaotian-layout checkpoint in fp16 safetensors (2 shards + index), then
