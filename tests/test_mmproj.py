@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from gguf import GGUFReader
 
-from llava_edge.export.mmproj import write_mmproj
 from llava_edge.bench.llamacpp_mtmd import llamacpp_image_embeddings
+from llava_edge.errors import UserError
+from llava_edge.export import pipeline
+from llava_edge.export.mmproj import write_mmproj
 from llava_edge.export.onnx_vision import embeddings_agreement, reference_embeddings
 from llava_edge.image import load_image, preprocess
 from llava_edge.reference.checkpoint import load_checkpoint
@@ -128,6 +130,19 @@ def test_llava15_chat_handler_runs_it(model, text_gguf, tmp_path):
 def test_variants_llamacpp_cannot_express_are_refused(tmp_path):
     d = tmp_path / "full"
     full = load_checkpoint(save_hf_layout(make_hf_model(strategy="full"), d, "save_pretrained")).model
-    with pytest.raises(ValueError, match="CLS"):
+    with pytest.raises(UserError, match="CLS"):
         write_mmproj(full, full.cfg, tmp_path / "mmproj.gguf")
     assert not (tmp_path / "mmproj.gguf").exists()
+
+
+def test_export_refuses_an_inexpressible_mmproj_before_reading_weights(tmp_path, monkeypatch):
+    ckpt = save_hf_layout(make_hf_model(strategy="full"), tmp_path / "full", "save_pretrained")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the checkpoint's weights were read before the mmproj check")
+
+    monkeypatch.setattr(pipeline, "load_checkpoint", no_weights)
+    out = tmp_path / "bundle"
+    with pytest.raises(UserError, match="CLS"):
+        pipeline.export_bundle(pipeline.ExportOptions(str(ckpt), str(out), mmproj=True, progress=False))
+    assert not out.exists()

@@ -23,6 +23,7 @@ import torch
 from gguf import GGUFWriter, LlamaFileType
 
 from ..config import LlavaConfig
+from ..errors import UserError
 from ..reference.llava import Llava
 
 FTYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16}
@@ -53,11 +54,13 @@ def write_mmproj(model: Llava, cfg: LlavaConfig, out_path: str | os.PathLike, ft
 
 
 def check_expressible(cfg: LlavaConfig) -> None:
-    """llama.cpp's LLaVA graph can express LLaVA-1.5's vision path, not every variant our reference runs."""
+    """llama.cpp's LLaVA graph can express LLaVA-1.5's vision path, not every variant our reference runs.
+
+    A property of the user's checkpoint, so a UserError; `export --mmproj` checks it before any work."""
     if cfg.keeps_cls:
-        raise ValueError("llama.cpp's LLaVA graph drops CLS; a checkpoint that keeps it (full/cls_patch) has no mmproj form")
+        raise UserError("llama.cpp's LLaVA graph drops CLS; a checkpoint that keeps it (full/cls_patch) has no mmproj form")
     if cfg.projector.num_linears != 2 or not cfg.projector.bias:
-        raise ValueError(f"llama.cpp's 'mlp' projector is Linear-GELU-Linear with biases, not {cfg.projector.type!r}")
+        raise UserError(f"llama.cpp's 'mlp' projector is Linear-GELU-Linear with biases, not {cfg.projector.type!r}")
     if cfg.feature_layers != sorted(set(cfg.feature_layers)):
         raise ValueError("llama.cpp stacks feature layers in increasing order; this checkpoint lists them otherwise")
     if cfg.vision.hidden_act not in ("quick_gelu", "gelu"):

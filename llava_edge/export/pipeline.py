@@ -17,7 +17,7 @@ import torch
 from ..conversation import get_template, render_prompt, tokenize_prompt
 from ..errors import UserError
 from ..image import load_image, preprocess_batch
-from ..reference.checkpoint import load_checkpoint
+from ..reference.checkpoint import load_checkpoint, read_llava_config, resolve_checkpoint
 from .bundle import FORMAT_VERSION, file_entry, staged_dir, write_manifest
 
 CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "assets" / "calibration"
@@ -74,6 +74,10 @@ def export_bundle(opts: ExportOptions) -> dict:
     quant = check_quant(opts.quant)
     if opts.vision_precision not in ("auto", "fp32", "fp16", "int8"):
         raise UserError(f"--vision-precision must be auto, fp32, fp16 or int8 (got {opts.vision_precision!r})")
+    if opts.mmproj:  # before the weights are read: a checkpoint llama.cpp cannot express fails at once
+        from .mmproj import check_expressible
+
+        check_expressible(read_llava_config(resolve_checkpoint(opts.ckpt), opts.vision_tower)[0])
     loaded = load_checkpoint(opts.ckpt, vision_tower=opts.vision_tower)
     if loaded.tokenizer_path is None:
         raise UserError(f"{loaded.path}: no tokenizer.model (SentencePiece) in the checkpoint")
