@@ -89,6 +89,36 @@ def render_prompt(
     return prompt
 
 
+def render_messages(template: str | Template, messages: list[tuple[str, str, int]]) -> str:
+    """Render chat messages (role, text, number of images) with the generation slot open after them.
+
+    The way an API client sends a conversation: an optional leading "system" message (it replaces the
+    template's system text), then "user" and "assistant" messages ending with a user one. A user message's
+    images go where LLaVA puts them, the template's image prefix once per image before its text. With one
+    image on the first question this is exactly `render_prompt(template, turns, image=True)`.
+    """
+    tpl = get_template(template)
+    system = tpl.system
+    if messages and messages[0][0] == "system":
+        system, messages = messages[0][1], messages[1:]
+    if not messages or messages[-1][0] != "user":
+        raise UserError("the conversation must end with a user message")
+    user_role, assistant_role = tpl.roles
+    prompt = system + tpl.sep if system else ""
+    for role, text, n_images in messages:
+        if role == "user":
+            prompt += _message(user_role, tpl.image_prefix * n_images + text) + tpl.sep
+        elif role == "assistant":
+            if n_images:
+                raise UserError("images can only be in user messages")
+            prompt += _message(assistant_role, text) + tpl.sep2
+        elif role == "system":
+            raise UserError("a system message can only come first")
+        else:
+            raise UserError(f"unknown message role {role!r} (expected system, user or assistant)")
+    return prompt + (assistant_role + ":" if assistant_role else "")
+
+
 def _message(role: str, text: str) -> str:
     return f"{role}: {text}" if role else text
 

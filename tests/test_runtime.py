@@ -68,9 +68,9 @@ def test_first_token_logits_match_the_reference_at_f32(tiny):
     image = DATA / "astronaut_wide.png"
     session.set_image(image)
     answer = session.answer("What is in the picture?", SamplingConfig(max_tokens=1))
-    got = session.decoder.logits_last()  # max_tokens=1: the logits the first token was drawn from
+    got = session.last_logits()  # max_tokens=1: the logits the first token was drawn from
     want = reference_logits(ckpt, image, "What is in the picture?")
-    assert answer.timings.n_prompt_tokens == session.decoder.n_past
+    assert answer.timings.n_prompt_tokens == session.n_past
     assert int(np.argmax(got)) == int(np.argmax(want))
     assert np.abs(got - want).max() <= 1e-3
     session.close()
@@ -86,7 +86,7 @@ def test_second_question_reuses_image_and_prefix(demo, monkeypatch):
     second = demo.answer("How many shapes are there?" + SUFFIX)
     assert len(encodes) == 1
     assert first.timings.n_prefilled == first.timings.n_prompt_tokens
-    question_tokens = len(demo.decoder.tokenize("USER: How many shapes are there?" + SUFFIX + " ASSISTANT:"))
+    question_tokens = len(demo.tokenize("USER: How many shapes are there?" + SUFFIX + " ASSISTANT:"))
     # only the first answer's tokens, its </s> and the new question were evaluated
     assert second.timings.n_prefilled <= question_tokens + first.timings.n_generated + 2
     assert second.timings.vision_ms == 0.0
@@ -105,7 +105,9 @@ def test_new_image_in_the_same_session(demo):
     demo.answer("Describe the image.")
     demo.set_image(EXAMPLES / "red_triangle_yellow_square_yellow_triangle.png")
     got = demo.answer("What color is the square?" + SUFFIX)
-    assert got.text == "Yellow" and got.timings.n_prefilled == got.timings.n_prompt_tokens
+    # the system text before the image may come from the KV cache; the new image and all after it may not
+    before_image = len(demo.tokenize(render_prompt(demo.bundle.template, [("q", None)]).split("<image>")[0])) + 1
+    assert got.text == "Yellow" and got.timings.n_prefilled >= got.timings.n_prompt_tokens - before_image
     assert len(demo.turns) == 1
 
 
@@ -222,7 +224,7 @@ def test_bundle_with_another_models_decoder_is_refused(tmp_path):
 
 def test_stop_strings_cut_the_answer_and_hold_back_their_prefixes():
     from llava_edge.conversation import stop_strings
-    from llava_edge.runtime.session import _first_stop, _held_back
+    from llava_edge.runtime.answer import first_stop as _first_stop, held_back as _held_back
 
     assert stop_strings("vicuna_v1") == [] and stop_strings("plain") == ["\n"] and stop_strings("llava_hf") == ["USER:"]
     assert _first_stop("A cat. USER: more", ["USER:"]) == 7

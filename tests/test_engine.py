@@ -1,0 +1,119 @@
+"""The decoder engine: N sequences in one context give the answers one sequence gives, reuse prefixes,
+free cancelled slots, refuse past the queue, and never let bad input reach llama.cpp."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from llava_edge.errors import UserError
+from llava_edge.runtime.engine import Engine, EngineBusy, EngineConfig, Message
+from llava_edge.runtime.sampling import SamplingConfig
+from llava_edge.runtime.session import ChatSession
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+SUFFIX = "\nAnswer the question using a single word or phrase."
+IMAGES = sorted(EXAMPLES.glob("*.png"))
+QUESTIONS = ["Describe the image.", "How many shapes are there?" + SUFFIX, "What color is the triangle?" + SUFFIX]
+GREEDY = SamplingConfig(max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine.open(config=EngineConfig(parallel=4, threads=1))
+    eng.start()
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def serial_answers():
+    """What the one-sequence chat session answers, one request at a time: the oracle for batching."""
+    chat = ChatSession.open(threads=1)
+    out = {}
+    for image in IMAGES:
+        for q in QUESTIONS:
+            chat.set_image(image)
+            out[image.name, q] = chat.answer(q, GREEDY).text
+    chat.close()
+    return out
+
+
+def ask(engine, image, question, sampling=GREEDY):
+    return engine.generate([Message("user", question, [image.read_bytes()])], sampling)
+
+
+def test_concurrent_requests_answer_as_the_serial_session(engine, serial_answers):
+    assert len(IMAGES) >= 3
+    gens = {(i.name, q): ask(engine, i, q) for i in IMAGES for q in QUESTIONS}
+    got = {k: "".join(g) for k, g in gens.items()}
+    assert got == serial_answers
+    assert all(g.answer.text == got[k] for k, g in gens.items())
+
+
+def test_requests_from_threads_are_batched_and_all_finish(engine, serial_answers):
+    results, lock = {}, threading.Lock()
+
+    def client(image, q):
+        text = "".join(ask(engine, image, q))
+        with lock:
+            results[image.name, q] = text
+
+    threads = [threading.Thread(target=client, args=(i, q)) for i in IMAGES[:4] for q in QUESTIONS[:2]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {k: v for k, v in serial_answers.items() if k in results} and len(results) == len(threads)
+
+
+def test_a_conversation_resent_in_full_reuses_its_prefix(engine):
+    image = (EXAMPLES / "green_triangle.png").read_bytes()
+    first = engine.generate([Message("user", QUESTIONS[2], [image])], GREEDY)
+    answer = "".join(first)
+    second = engine.generate([Message("user", QUESTIONS[2], [image]), Message("assistant", answer),
+                              Message("user", QUESTIONS[1])], GREEDY)
+    "".join(second)
+    t = second.answer.timings
+    assert t.n_cached >= engine.n_image_tokens + 10
+    assert t.n_cached + t.n_prefilled == t.n_prompt_tokens
+    assert t.n_prefilled < 40
+
+
+def test_cancel_frees_the_slot(engine):
+    gens = [ask(engine, IMAGES[0], "Describe the image.", SamplingConfig(max_tokens=200, ignore_eos=True))
+            for _ in range(4)]
+    next(iter(gens[0]))
+    for g in gens:
+        g.cancel()
+    assert all(g.wait(30) is not None for g in gens)
+    assert {g.answer.finish_reason for g in gens} <= {"cancelled", "length"}
+    assert engine.stats()["busy"] == 0
+    assert "".join(ask(engine, IMAGES[0], QUESTIONS[1])) != ""
+
+
+def test_queue_overflow_is_refused_not_crashed():
+    eng = Engine.open(config=EngineConfig(parallel=1, queue=1, threads=1))  # not started: nothing is admitted
+    long = SamplingConfig(max_tokens=8)
+    ask(eng, IMAGES[0], QUESTIONS[0], long)
+    ask(eng, IMAGES[0], QUESTIONS[0], long)  # one free slot + one queue place
+    with pytest.raises(EngineBusy):
+        ask(eng, IMAGES[0], QUESTIONS[0], long)
+    eng.close()
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "no messages"),
+    ([Message("robot", "hi")], "unknown message role"),
+    ([Message("assistant", "hi", [b"x"]), Message("user", "q")], "only be in user messages"),
+    ([Message("user", "q"), Message("assistant", "a")], "end with a user message"),
+    ([Message("user", "look: <image> here")], "<image>"),
+    ([Message("user", "word " * 2000)], "context holds"),
+    ([Message("user", "q", [b"not an image"])], "image"),
+])
+def test_bad_requests_are_user_errors(engine, messages, match):
+    with pytest.raises(UserError, match=match):
+        engine.generate(messages, GREEDY)
+    assert "".join(ask(engine, IMAGES[0], QUESTIONS[1])) != ""
