@@ -117,3 +117,28 @@ def test_bad_requests_are_user_errors(engine, messages, match):
     with pytest.raises(UserError, match=match):
         engine.generate(messages, GREEDY)
     assert "".join(ask(engine, IMAGES[0], QUESTIONS[1])) != ""
+
+
+def test_image_prefix_kv_restored_from_disk_in_a_new_engine(tmp_path, serial_answers):
+    config = EngineConfig(parallel=2, threads=1, kv_cache_dir=str(tmp_path / "kv"))
+    image, q = IMAGES[1], QUESTIONS[0]
+    cold = Engine.open(config=config)
+    first = ask(cold, image, q)
+    assert "".join(first) == serial_answers[image.name, q] and not first.answer.timings.kv_restored
+    cold.close()
+    assert len(list((tmp_path / "kv").glob("*.kv"))) == 1
+
+    warm = Engine.open(config=config)
+    again = ask(warm, image, q)
+    assert "".join(again) == serial_answers[image.name, q]
+    t = again.answer.timings
+    assert t.kv_restored and t.n_cached >= warm.n_image_tokens and t.n_prefilled < 40
+    warm.close()
+
+    for entry in (tmp_path / "kv").glob("*.kv"):  # a damaged entry is not trusted: prefilled again
+        entry.write_bytes(entry.read_bytes()[:-10])
+    damaged = Engine.open(config=config)
+    third = ask(damaged, image, q)
+    assert "".join(third) == serial_answers[image.name, q] and not third.answer.timings.kv_restored
+    assert third.answer.timings.n_cached == 0
+    damaged.close()

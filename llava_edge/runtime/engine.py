@@ -32,6 +32,7 @@ from ..errors import UserError
 from .answer import Answer, AnswerText, Timings
 from .bundle import DEMO_BUNDLE, Bundle, open_bundle
 from .decoder import Decoder
+from .kv_cache import KVCache, PrefixKey, positions_digest
 from .llama_loader import open_llama
 from .sampling import SamplingConfig, sample_token
 from .vision import EmbeddingCache, EncodedImage, VisionEncoder
@@ -173,6 +174,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._memory = llama_cpp.llama_get_memory(llm.ctx)
+        self.kv_cache = KVCache(config.kv_cache_dir) if config.kv_cache_dir else None
+        # what else shapes a saved state: the llama.cpp build and the KV cache's element type
+        self._kv_runtime = f"llama_cpp {llama_cpp.__version__}; kv {'f32' if config.f32_kv else 'f16'}"
         self._tokens = self._batch(0)
         self._embeds = self._batch(self.decoder.n_embd)
 
@@ -330,6 +334,8 @@ class Engine:
                 if start < keep < start + self.n_image_tokens:
                     keep = start
             self._truncate(slot, keep)
+            if self.kv_cache is not None and gen.images and keep < _prefix_end(gen, self.n_image_tokens):
+                keep = self._restore_prefix(slot, keep)
             gen.cursor = keep
             gen.timings.n_cached = keep
             gen.timings.n_prefilled = len(gen.keys) - keep
@@ -395,8 +401,46 @@ class Engine:
         s.held.extend(gen.keys[begin:end])
         gen.cursor = end
         self._decode(batch)
+        if self.kv_cache is not None and end == _prefix_end(gen, self.n_image_tokens) and not gen.timings.kv_restored:
+            self._save_prefix(s)
         if last:
             self._sample(s, m - 1)
+
+    # ------------------------------------------------------------------ image-prefix KV on disk
+
+    def _prefix_key(self, gen: Generation) -> PrefixKey:
+        end = _prefix_end(gen, self.n_image_tokens)
+        positions = [k if isinstance(k, int) else k[1] for k in gen.keys[:end]]
+        return PrefixKey(self.bundle.manifest["files"]["decoder"]["sha256"], self.bundle.template,
+                         gen.keys[min(gen.images)][1], positions_digest(positions), self._kv_runtime)
+
+    def _restore_prefix(self, s: _Slot, keep: int) -> int:
+        """Load the KV of the prompt up to the end of its first image from disk; returns the new keep."""
+        blob = self.kv_cache.get(self._prefix_key(s.gen))
+        if blob is None:
+            return keep
+        self._truncate(s, 0)
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
+        if llama_cpp.llama_state_seq_set_data(self.llm.ctx, buf, len(blob), s.seq) == 0:
+            self._truncate(s, 0)  # refused by llama.cpp (another layout): prefill as if never cached
+            return 0
+        end = _prefix_end(s.gen, self.n_image_tokens)
+        if llama_cpp.llama_memory_seq_pos_max(self._memory, s.seq) != end - 1:
+            self._truncate(s, 0)
+            return 0
+        s.held = list(s.gen.keys[:end])
+        s.gen.timings.kv_restored = True
+        return end
+
+    def _save_prefix(self, s: _Slot) -> None:
+        size = llama_cpp.llama_state_seq_get_size(self.llm.ctx, s.seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self.llm.ctx, buf, size, s.seq)
+        if n:
+            try:
+                self.kv_cache.put(self._prefix_key(s.gen), memoryview(buf)[:n])
+            except OSError as e:  # a full or read-only disk only costs the next process a prefill
+                print(f"llava-edge: could not save the image's KV to {self.kv_cache.directory}: {e}", file=sys.stderr)
 
     def _decode(self, batch) -> None:
         rc = llama_cpp.llama_decode(self.llm.ctx, batch)
@@ -478,6 +522,11 @@ def _common_prefix(a: list[Key], b: list[Key]) -> int:
             break
         n += 1
     return n
+
+
+def _prefix_end(gen: Generation, n_image_tokens: int) -> int:
+    """The position after the first image: the prompt prefix whose KV the disk cache keeps."""
+    return min(gen.images) + n_image_tokens if gen.images else 0
 
 
 def _span_start(gen: Generation, i: int, n_image_tokens: int) -> int:
