@@ -185,6 +185,34 @@ def bench(
     typer.echo(json.dumps(report["ratios"], indent=2))
 
 
+@app.command()
+def serve(
+    bundle: Optional[Path] = typer.Option(None, help="edge bundle dir (default: the demo bundle in the package)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0: every interface)"),
+    port: int = typer.Option(8080, help="TCP port (0: any free one; the printed URL names it)"),
+    parallel: int = typer.Option(1, help="requests decoded at once (sequences in the one llama.cpp context)"),
+    n_ctx: Optional[int] = typer.Option(None, help="context positions per sequence (default: the model's, at most 4096)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
+    api_key: Optional[str] = typer.Option(None, help="require Authorization: Bearer KEY (all but /health)"),
+    media_dir: Optional[Path] = typer.Option(None, help="file:// image URLs are allowed inside this dir only"),
+    allow_remote_images: bool = typer.Option(False, help="fetch http(s) image URLs"),
+    model_name: Optional[str] = typer.Option(None, help="the model's name in both APIs (default: the bundle dir's)"),
+    queue: int = typer.Option(16, help="requests that may wait for a slot; more get 503"),
+    max_images: int = typer.Option(4, help="images per request"),
+    device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
+):
+    """OpenAI- and Ollama-compatible HTTP server (chat with images, several requests at once)."""
+    from .runtime.engine import EngineConfig
+    from .server.config import ServerConfig
+    from .server.serve import serve as run_server
+
+    name = model_name or ("llava-edge-demo" if bundle is None else bundle.resolve().name)
+    run_server(bundle, EngineConfig(parallel=parallel, n_ctx=n_ctx, threads=threads, queue=queue, device=device),
+               ServerConfig(host=host, port=port, model_name=name, api_key=api_key,
+                            media_dir=str(media_dir) if media_dir else None, allow_remote_images=allow_remote_images,
+                            max_images=max_images))
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,204 @@
+"""Ollama's API: POST /api/chat and /api/generate (base64 images, NDJSON streaming by default), GET /api/tags,
+GET /api/version, POST /api/show. Durations are in nanoseconds, as Ollama reports them."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__
+from ..runtime.engine import Message
+from . import generation
+from .errors import ApiError
+from .media import decode_base64
+from .parsing import parse_body, sampling_config
+
+router = APIRouter()
+
+ROLES = ("system", "user", "assistant")
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.8, 0.9  # Ollama's defaults; send temperature 0 for greedy
+UNLIMITED = 1 << 20  # num_predict -1 / -2: until EOS or the context is full
+
+
+class Options(BaseModel):
+    model_config = ConfigDict(extra="allow")  # num_ctx, top_k, repeat_penalty, ...: accepted and not used
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    num_predict: int | None = None
+    stop: str | list[str] | None = None
+
+
+class OllamaMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str = ""
+    images: list[str] | None = None
+
+
+class BaseRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # keep_alive, think, ...
+    model: str = ""
+    stream: bool = True
+    options: Options | None = None
+    format: str | dict | None = None
+
+
+class ChatRequest(BaseRequest):
+    messages: list[OllamaMessage] = []
+
+
+class GenerateRequest(BaseRequest):
+    prompt: str = ""
+    images: list[str] | None = None
+    system: str | None = None
+    raw: bool = False
+    context: list[int] | None = None
+
+
+class ShowRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = ""
+    name: str = ""
+
+
+def tagged(name: str) -> str:
+    return name if ":" in name else f"{name}:latest"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def check_supported(req: BaseRequest) -> None:
+    if req.format:
+        raise ApiError(400, "format (JSON output) is not supported by this server", param="format")
+
+
+def images_of(encoded: list[str] | None, where: str, cfg, count: list[int]) -> list[bytes]:
+    out = []
+    for k, text in enumerate(encoded or []):
+        count[0] += 1
+        if count[0] > cfg.max_images:
+            raise ApiError(400, f"more than {cfg.max_images} images in one request")
+        out.append(decode_base64(text, f"{where}.images[{k}]"))
+    return out
+
+
+def sampling_of(options: Options | None):
+    o = options or Options()
+    n = o.num_predict if o.num_predict is not None and o.num_predict > 0 else UNLIMITED
+    return sampling_config(n, DEFAULT_TEMPERATURE if o.temperature is None else o.temperature,
+                           DEFAULT_TOP_P if o.top_p is None else o.top_p, o.seed, o.stop)
+
+
+def final_stats(answer, t_start: float) -> dict:
+    t = answer.timings
+    eval_ns = int(1e9 * (t.n_generated - 1) / t.decode_tokens_per_s) if t.decode_tokens_per_s > 0 else 0
+    return {"done": True, "done_reason": generation.finish_reason(answer),
+            "total_duration": int(1e9 * (time.perf_counter() - t_start)), "load_duration": 0,
+            "prompt_eval_count": t.n_prompt_tokens, "prompt_eval_duration": int(1e6 * t.ttft_ms),
+            "eval_count": t.n_generated, "eval_duration": eval_ns}
+
+
+async def answer(request: Request, req: BaseRequest, messages: list[Message], wrap, t_start: float):
+    """Run one request; `wrap(text)` is the API's own text field ({"message": ...} or {"response": ...})."""
+    state = request.app.state
+    model = tagged(state.cfg.model_name)
+    running = await generation.start(state.engine, messages, sampling_of(req.options), state.active)
+    if not req.stream:
+        await running.text(request.receive)
+        state.metrics.count_answer(running.answer.timings)
+        return {"model": model, "created_at": now(), **wrap(running.answer.text), **final_stats(running.answer, t_start)}
+
+    async def lines():
+        try:
+            async for piece in running.pieces():
+                yield json.dumps({"model": model, "created_at": now(), **wrap(piece), "done": False}) + "\n"
+        except Exception as e:  # noqa: BLE001 - after the 200 went out: Ollama sends {"error"} as a line
+            yield json.dumps({"error": e.message if isinstance(e, ApiError) else f"internal error ({type(e).__name__})"}) + "\n"
+            return
+        state.metrics.count_answer(running.answer.timings)
+        yield json.dumps({"model": model, "created_at": now(), **wrap(""), **final_stats(running.answer, t_start)}) + "\n"
+
+    return generation.StreamedAnswer(lines(), running, "application/x-ndjson")
+
+
+def loaded(model: str, wrap) -> dict:
+    """Ollama's answer to a request with nothing to say: the model is loaded."""
+    return {"model": model, "created_at": now(), **wrap(""), "done": True, "done_reason": "load"}
+
+
+@router.post("/api/chat")
+async def chat(request: Request):
+    t_start = time.perf_counter()
+    req = await parse_body(request, ChatRequest)
+    check_supported(req)
+
+    def wrap(text: str) -> dict:
+        return {"message": {"role": "assistant", "content": text}}
+
+    if not req.messages:
+        return loaded(tagged(request.app.state.cfg.model_name), wrap)
+    messages, count = [], [0]
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role: unsupported role {m.role!r} (system, user, assistant)")
+        if m.images and m.role != "user":
+            raise ApiError(400, f"messages[{i}]: images go in user messages only")
+        messages.append(Message(m.role, m.content, images_of(m.images, f"messages[{i}]", request.app.state.cfg, count)))
+    return await answer(request, req, messages, wrap, t_start)
+
+
+@router.post("/api/generate")
+async def generate(request: Request):
+    t_start = time.perf_counter()
+    req = await parse_body(request, GenerateRequest)
+    check_supported(req)
+    if req.raw or req.context:
+        raise ApiError(400, "raw prompts and context are not supported: send the conversation to /api/chat")
+
+    def wrap(text: str) -> dict:
+        return {"response": text}
+
+    if not req.prompt and not req.images:
+        return loaded(tagged(request.app.state.cfg.model_name), wrap)
+    messages = [Message("system", req.system)] if req.system else []
+    messages.append(Message("user", req.prompt, images_of(req.images, "images", request.app.state.cfg, [0])))
+    return await answer(request, req, messages, wrap, t_start)
+
+
+def details(bundle) -> dict:
+    return {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama", "clip"],
+            "parameter_size": "", "quantization_level": bundle.quant}
+
+
+@router.get("/api/tags")
+async def tags(request: Request):
+    state = request.app.state
+    bundle = state.engine.bundle
+    files = state.engine.bundle.manifest.get("files", {})
+    return {"models": [{"name": tagged(state.cfg.model_name), "model": tagged(state.cfg.model_name),
+                        "modified_at": state.modified_at, "size": sum(int(f.get("bytes", 0)) for f in files.values()),
+                        "digest": files.get("decoder", {}).get("sha256", ""), "details": details(bundle)}]}
+
+
+@router.get("/api/version")
+async def version():
+    return {"version": __version__}
+
+
+@router.post("/api/show")
+async def show(request: Request):
+    await parse_body(request, ShowRequest)
+    state = request.app.state
+    bundle = state.engine.bundle
+    return {"modelfile": "", "parameters": "", "template": bundle.template, "modified_at": state.modified_at,
+            "details": details(bundle), "capabilities": ["completion", "vision"],
+            "model_info": {"general.architecture": "llama", "llama.context_length": bundle.n_ctx_train,
+                           "llama.embedding_length": bundle.n_embd,
+                           "clip.vision.image_size": bundle.vision.image_size}}
