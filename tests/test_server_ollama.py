@@ -68,4 +68,10 @@ def test_tags_show_version(client, server):
     assert models[0].details.quantization_level == "Q4_K_M" and models[0].size > 0
     shown = client.show("llava-edge-demo")
     assert "vision" in shown.capabilities and shown.modelinfo["llama.embedding_length"] == 256
+    assert [m.model for m in client.ps().models] == ["llava-edge-demo:latest"]
     assert httpx.get(f"{server.url}/api/version").json()["version"]
+
+
+def test_empty_prompt_loads_or_unloads(client):
+    assert client.generate(model="llava-edge-demo", prompt="").done_reason == "load"
+    assert client.generate(model="llava-edge-demo", prompt="", keep_alive=0).done_reason == "unload"

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/models", "/api/chat", "/api/generate", "/api/tags", "/api/version",
-             "/api/show", "/health", "/metrics")
+             "/api/show", "/api/ps", "/health", "/metrics")
 
 
 class EngineCollector:

@@ -1,5 +1,5 @@
 """Ollama's API: POST /api/chat and /api/generate (base64 images, NDJSON streaming by default), GET /api/tags,
-GET /api/version, POST /api/show. Durations are in nanoseconds, as Ollama reports them."""
+GET /api/version, GET /api/ps, POST /api/show. Durations are in nanoseconds, as Ollama reports them."""
 
 from __future__ import annotations
 
@@ -128,9 +128,11 @@ async def answer(request: Request, req: BaseRequest, messages: list[Message], wr
     return generation.StreamedAnswer(lines(), running, "application/x-ndjson")
 
 
-def loaded(model: str, wrap) -> dict:
-    """Ollama's answer to a request with nothing to say: the model is loaded."""
-    return {"model": model, "created_at": now(), **wrap(""), "done": True, "done_reason": "load"}
+def loaded(model: str, wrap, req: BaseRequest) -> dict:
+    """Ollama's answer to a request with nothing to say: the model is loaded (or, keep_alive 0, "unloaded":
+    this server keeps its one model loaded)."""
+    reason = "unload" if req.model_extra.get("keep_alive") in (0, "0") else "load"
+    return {"model": model, "created_at": now(), **wrap(""), "done": True, "done_reason": reason}
 
 
 @router.post("/api/chat")
@@ -143,7 +145,7 @@ async def chat(request: Request):
         return {"message": {"role": "assistant", "content": text}}
 
     if not req.messages:
-        return loaded(tagged(request.app.state.cfg.model_name), wrap)
+        return loaded(tagged(request.app.state.cfg.model_name), wrap, req)
     messages, count = [], [0]
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
@@ -166,7 +168,7 @@ async def generate(request: Request):
         return {"response": text}
 
     if not req.prompt and not req.images:
-        return loaded(tagged(request.app.state.cfg.model_name), wrap)
+        return loaded(tagged(request.app.state.cfg.model_name), wrap, req)
     messages = [Message("system", req.system)] if req.system else []
     messages.append(Message("user", req.prompt, images_of(req.images, "images", request.app.state.cfg, [0])))
     return await answer(request, req, messages, wrap, t_start)
@@ -177,14 +179,24 @@ def details(bundle) -> dict:
             "parameter_size": "", "quantization_level": bundle.quant}
 
 
+def model_entry(request: Request) -> dict:
+    state = request.app.state
+    files = state.engine.bundle.manifest.get("files", {})
+    return {"name": tagged(state.cfg.model_name), "model": tagged(state.cfg.model_name),
+            "size": sum(int(f.get("bytes", 0)) for f in files.values()),
+            "digest": files.get("decoder", {}).get("sha256", ""), "details": details(state.engine.bundle)}
+
+
 @router.get("/api/tags")
 async def tags(request: Request):
-    state = request.app.state
-    bundle = state.engine.bundle
-    files = state.engine.bundle.manifest.get("files", {})
-    return {"models": [{"name": tagged(state.cfg.model_name), "model": tagged(state.cfg.model_name),
-                        "modified_at": state.modified_at, "size": sum(int(f.get("bytes", 0)) for f in files.values()),
-                        "digest": files.get("decoder", {}).get("sha256", ""), "details": details(bundle)}]}
+    return {"models": [{**model_entry(request), "modified_at": request.app.state.modified_at}]}
+
+
+@router.get("/api/ps")
+async def running_models(request: Request):
+    """The loaded models: always the one this server serves, on the CPU as far as Ollama's fields go."""
+    return {"models": [{**model_entry(request), "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0,
+                        "context_length": request.app.state.engine.n_ctx_seq}]}
 
 
 @router.get("/api/version")
