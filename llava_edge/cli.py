@@ -80,6 +80,32 @@ def chat(
 
 
 @app.command()
+def caption(
+    inputs: list[str] = typer.Argument(..., help="image files, folders and glob patterns"),
+    out: Path = typer.Option(..., help="JSONL file: one line per image; a rerun with the same file skips what is done"),
+    prompt: str = typer.Option("Describe the image.", help="what to ask about every image"),
+    bundle: Optional[Path] = typer.Option(None, help="edge bundle dir (default: the demo bundle in the package)"),
+    parallel: int = typer.Option(4, help="answers decoded at once (sequences in the one llama.cpp context)"),
+    max_tokens: int = typer.Option(256, help="most tokens per answer"),
+    temperature: float = typer.Option(0.0, help="0 = greedy: each answer equals `chat --prompt`'s"),
+    seed: Optional[int] = typer.Option(None, help="sampling seed (with temperature > 0)"),
+    recursive: bool = typer.Option(False, help="also the images in subfolders of the folders given"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
+    device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
+    vision_batch: Optional[int] = typer.Option(None, help="images per vision run (default 8; 1 for int8 graphs, "
+                                                          "whose batch mates would change an image's embeddings)"),
+):
+    """Caption (or ask one question about) every image of a folder: a JSONL line per image, resumable."""
+    from .caption.pipeline import CaptionConfig, format_summary, run_caption
+
+    summary = run_caption(CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel,
+                                        max_tokens, temperature, seed, recursive, threads, device, vision_batch))
+    print(format_summary(summary, out), file=sys.stderr)
+    if summary.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
 def train(
     stage: str = typer.Argument(..., help="stage1 (projector on captions), stage2 (instructions) or lm (text only)"),
     data: str = typer.Option(..., help="LLaVA json: stage1 captions, stage2 conversations, lm text-only records"),

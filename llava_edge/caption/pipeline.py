@@ -1,0 +1,213 @@
+"""A caption run: the files not yet in --out, vision on the feeder thread, N answers decoded together by one
+engine, each finished answer appended as one line. Ctrl-C (or SIGTERM) ends it cleanly: the lines finished
+are written, the answers in progress are dropped (a rerun makes them), and the run says it was interrupted.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..conversation import render_messages
+from ..errors import UserError
+from ..runtime.bundle import DEMO_BUNDLE, open_bundle
+from ..runtime.engine import Engine, EngineConfig, Generation, Message
+from ..runtime.sampling import SamplingConfig
+from .feeder import END, Feeder, Item
+from .inputs import find_images
+from .results import ResultFile, done_key
+
+DEFAULT_PROMPT = "Describe the image."
+VISION_BATCH = 8  # images per vision run where batching cannot change an image's embeddings
+
+
+@dataclass
+class CaptionConfig:
+    inputs: list[str]
+    out: str
+    prompt: str = DEFAULT_PROMPT
+    bundle: str | None = None
+    parallel: int = 4
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int | None = None
+    recursive: bool = False
+    threads: int | None = None
+    device: str = "auto"
+    vision_batch: int | None = None  # None: VISION_BATCH, or 1 for an int8 graph (see vision_batch_size)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.prompt = self.prompt.strip()  # as `chat` asks it
+        if not self.prompt:
+            raise UserError("--prompt is empty")
+        for name in ("parallel", "threads", "vision_batch"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+
+
+@dataclass
+class CaptionSummary:
+    found: int = 0  # input files
+    already_done: int = 0  # skipped: their lines were in --out before this run
+    written: int = 0  # lines this run wrote
+    errors: int = 0  # of which error lines
+    encoded: int = 0  # vision runs (an image whose bytes were seen before is not encoded again)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.seconds if self.seconds > 0 else 0.0
+
+
+def vision_batch_size(precision: str, wanted: int | None) -> int:
+    """An int8 graph quantizes its activations with one scale per tensor, i.e. over the whole batch: an image's
+    embeddings would depend on its batch mates (max |diff| 0.47 on the demo graph), and its answer could differ
+    from `chat`'s. So int8 encodes one image per run (still on the feeder thread, ahead of the decoder)."""
+    if wanted is not None:
+        return wanted
+    return 1 if precision == "int8" else VISION_BATCH
+
+
+def context_per_sequence(bundle, prompt: str, max_tokens: int) -> int:
+    """Positions one caption can need (the prompt's bytes bound its tokens), at most the engine's default: N
+    sequences of the model's whole context would cost N times its KV cache for nothing."""
+    text = render_messages(bundle.template, [("user", prompt, 1)])
+    needed = bundle.vision.n_image_tokens + len(text.encode()) + 1 + max_tokens
+    return max(16, min(needed, bundle.n_ctx_train or 4096, 4096))
+
+
+def run_caption(cfg: CaptionConfig) -> CaptionSummary:
+    prompt = cfg.prompt
+    sampling = SamplingConfig(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    paths = find_images(cfg.inputs, cfg.recursive)
+    if not paths:
+        raise UserError(f"no image files in {' '.join(cfg.inputs)}" + ("" if cfg.recursive else " (--recursive looks in subfolders)"))
+    results = ResultFile(cfg.out)
+    done = results.open()
+    try:
+        todo = [p for p in paths if done_key(p, prompt) not in done]
+        summary = CaptionSummary(found=len(paths), already_done=len(paths) - len(todo))
+        if todo:
+            _caption(cfg, prompt, sampling, todo, results, summary)
+        return summary
+    finally:
+        results.close()
+
+
+def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: list[str], results: ResultFile,
+             summary: CaptionSummary) -> None:
+    from tqdm import tqdm
+
+    bundle = open_bundle(cfg.bundle or DEMO_BUNDLE, verify=False)  # verified by Engine.open
+    batch = vision_batch_size(bundle.vision.precision, cfg.vision_batch)
+    engine = Engine.open(cfg.bundle, EngineConfig(
+        parallel=cfg.parallel, n_ctx=context_per_sequence(bundle, prompt, cfg.max_tokens), threads=cfg.threads,
+        queue=2 * cfg.parallel, device=cfg.device))
+    feeder = Feeder(engine.vision, todo, batch, depth=2 * cfg.parallel + batch)
+    bar = tqdm(total=summary.found, initial=summary.already_done, unit="img", desc="caption", file=sys.stderr,
+               dynamic_ncols=True, smoothing=0.1, disable=not cfg.progress)
+    bar.set_postfix(errors=0)
+    stop = _StopOnSignal()
+    t0 = time.perf_counter()
+
+    def write(record: dict) -> None:
+        results.append(record)
+        summary.written += 1
+        summary.errors += "error" in record
+        bar.update(1)
+        if "error" in record:
+            bar.set_postfix(errors=summary.errors)
+
+    inflight: deque[tuple[Item, Generation]] = deque()
+    fed_all = False
+    try:
+        engine.start()
+        feeder.start()
+        while not stop.requested and not (fed_all and not inflight):
+            # Keep the engine's queue full: N answers decoding and N waiting for a slot.
+            while not fed_all and len(inflight) < 2 * cfg.parallel and not stop.requested:
+                try:
+                    item = feeder.items.get(timeout=0.1 if not inflight else 0)
+                except queue.Empty:
+                    break
+                if item is END:
+                    fed_all = True
+                    if feeder.failure is not None:
+                        raise feeder.failure
+                elif item.error is not None:
+                    write({"path": item.path, "sha256": item.sha256, "prompt": prompt, "error": item.error})
+                else:
+                    inflight.append((item, engine.generate([Message("user", prompt, [item.image])], sampling)))
+            if inflight and not inflight[0][1].finished:
+                inflight[0][1].wait(0.1)
+            for entry in [e for e in inflight if e[1].finished]:
+                inflight.remove(entry)
+                write(_record(prompt, *entry))
+        summary.interrupted = stop.requested
+    finally:
+        stop.restore()
+        feeder.stop.set()
+        for _, gen in inflight:
+            gen.cancel()
+        summary.seconds = time.perf_counter() - t0
+        summary.encoded = feeder.encoded
+        bar.close()
+        engine.close()
+        feeder.join(5)
+
+
+def _record(prompt: str, item: Item, gen: Generation) -> dict:
+    answer = gen.answer
+    if gen.error is not None or answer.finish_reason not in ("stop", "length"):
+        return {"path": item.path, "sha256": item.sha256, "prompt": prompt,
+                "error": gen.error or f"the answer ended as {answer.finish_reason}"}
+    timings = answer.timings
+    timings.vision_ms, timings.image_cached = item.image.vision_ms, item.image.cached
+    return {"path": item.path, "sha256": item.sha256, "prompt": prompt, "answer": answer.text,
+            "finish_reason": answer.finish_reason, "timings": asdict(timings)}
+
+
+class _StopOnSignal:
+    """Ctrl-C or SIGTERM asks the run to stop after the lines in hand; a second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nllava-edge: stopping after the lines in hand (Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def restore(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
+
+
+def format_summary(summary: CaptionSummary, out: str | Path) -> str:
+    parts = [f"{summary.written} lines written to {out}"]
+    if summary.errors:
+        parts.append(f"{summary.errors} errors")
+    if summary.already_done:
+        parts.append(f"{summary.already_done} already there")
+    text = (f"llava-edge: {', '.join(parts)}; {summary.encoded} images encoded; {summary.seconds:.1f} s, "
+            f"{summary.images_per_s:.2f} images/s")
+    if summary.interrupted:
+        text += "; interrupted: run the same command again to continue"
+    return text

@@ -1,0 +1,210 @@
+"""`llava-edge caption` as a user runs it (real processes): one correct line per image, errors recorded and
+skipped, copies encoded once, answers equal to `llava-edge chat`'s whatever the batching, and a run killed at
+any point (SIGKILL, Ctrl-C, a torn last line) resumed without a lost, torn or repeated line."""
+
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llava_edge.caption.inputs import find_images
+from llava_edge.train.shapes import render_scene, sample_scene
+
+ROOT = Path(__file__).parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.png"))
+PROMPT = "Describe the image."
+# The runtime path must not need torch: it is blocked in every caption process.
+NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+            "from llava_edge.cli import main; main()")
+
+
+def caption_cmd(*args):
+    return [sys.executable, "-c", NO_TORCH, "caption", *map(str, args), "--threads", "1"]
+
+
+def caption(*args, timeout=300):
+    return subprocess.run(caption_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def chat_answer(image: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "llava_edge.cli", "chat", str(image), "--prompt", PROMPT,
+                           "--threads", "1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
+
+
+def read_lines(path: Path) -> list[dict]:
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), "the file ends inside a line"
+    return [json.loads(line) for line in data.splitlines()]  # every line parses
+
+
+def shapes_images(folder: Path, n: int, seed: int) -> list[Path]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        path = folder / f"shapes_{seed}_{i:03d}.png"
+        render_scene(sample_scene(rng)).save(path)
+        out.append(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The four examples, two generated scenes, a byte copy of one example and a truncated PNG."""
+    d = tmp_path_factory.mktemp("photos")
+    for p in EXAMPLES:
+        shutil.copy(p, d / p.name)
+    shapes_images(d, 2, seed=3)
+    shutil.copy(EXAMPLES[0], d / "zz_copy.png")
+    (d / "broken.png").write_bytes(EXAMPLES[1].read_bytes()[:400])
+    return d
+
+
+@pytest.fixture(scope="module")
+def parallel_run(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("p4") / "captions.jsonl"
+    proc = caption(folder, "--out", out, "--parallel", "4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_every_image_gets_one_correct_line(folder, parallel_run):
+    out, proc = parallel_run
+    lines = read_lines(out)
+    files = sorted(folder.iterdir())
+    assert sorted(Path(r["path"]) for r in lines) == files
+    by_name = {Path(r["path"]).name: r for r in lines}
+    for f in files:
+        r = by_name[f.name]
+        assert r["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest() and r["prompt"] == PROMPT
+    broken = by_name["broken.png"]
+    assert set(broken) == {"path", "sha256", "prompt", "error"} and str(folder / "broken.png") in broken["error"]
+    assert "corrupt" in broken["error"] or "truncated" in broken["error"]
+    good = [r for r in lines if "error" not in r]
+    assert len(good) == len(files) - 1
+    for r in good:
+        assert r["answer"] and r["finish_reason"] == "stop"
+        assert {"vision_ms", "prefill_ms", "ttft_ms", "decode_tokens_per_s", "n_prompt_tokens"} <= set(r["timings"])
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_copy_is_encoded_once(folder, parallel_run):
+    out, proc = parallel_run
+    twins = [r for r in read_lines(out) if r["sha256"] == hashlib.sha256(EXAMPLES[0].read_bytes()).hexdigest()]
+    assert len(twins) == 2 and twins[0]["answer"] == twins[1]["answer"]
+    assert sorted(r["timings"]["image_cached"] for r in twins) == [False, True]
+    assert [r["timings"]["vision_ms"] for r in twins if r["timings"]["image_cached"]] == [0.0]
+    distinct = len(list(folder.iterdir())) - 2  # the copy and the broken file are not encoded
+    assert f"{distinct} images encoded" in proc.stderr
+
+
+def test_answers_equal_chat_and_do_not_depend_on_parallel(folder, parallel_run, tmp_path):
+    out4, _ = parallel_run
+    out1 = tmp_path / "p1.jsonl"
+    proc = caption(folder, "--out", out1, "--parallel", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    p4 = {r["path"]: r.get("answer") for r in read_lines(out4)}
+    p1 = {r["path"]: r.get("answer") for r in read_lines(out1)}
+    assert p4 == p1
+    for path, answer in p4.items():
+        if answer is not None and Path(path).name != "zz_copy.png":
+            assert answer == chat_answer(Path(path)), path
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    d = tmp_path_factory.mktemp("many")
+    shapes_images(d, 40, seed=11)
+    return d
+
+
+def kill_when(proc: subprocess.Popen, out: Path, n_lines: int, sig: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= n_lines:
+            proc.send_signal(sig)
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the run ended (or hung) before {n_lines} lines: {proc.poll()}")
+
+
+def assert_each_once(out: Path, folder: Path) -> None:
+    lines = read_lines(out)
+    paths = [r["path"] for r in lines]
+    assert len(paths) == len(set(paths)), "a line is repeated"
+    assert sorted(Path(p) for p in paths) == sorted(folder.iterdir())
+    assert all(r.get("answer") for r in lines)
+
+
+def test_sigkill_mid_run_then_resume(many, tmp_path):
+    out = tmp_path / "killed.jsonl"
+    proc = subprocess.Popen(caption_cmd(many, "--out", out, "--parallel", "2"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, out, 3, signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    before = read_lines(out)
+    assert 3 <= len(before) < 40, "the kill did not land mid-run"
+    again = caption(many, "--out", out, "--parallel", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(before)} already there" in again.stderr
+    assert_each_once(out, many)
+    assert read_lines(out)[: len(before)] == before  # what was done stays as it was
+
+
+def test_ctrl_c_finishes_cleanly_with_130_then_resume(many, tmp_path):
+    out = tmp_path / "interrupted.jsonl"
+    proc = subprocess.Popen(caption_cmd(many, "--out", out, "--parallel", "2"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kill_when(proc, out, 2, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert 2 <= len(read_lines(out)) < 40
+    assert caption(many, "--out", out).returncode == 0
+    assert_each_once(out, many)
+
+
+def test_a_torn_last_line_is_cut_and_its_image_redone(folder, parallel_run, tmp_path):
+    out = tmp_path / "torn.jsonl"
+    whole = parallel_run[0].read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(whole[:3]) + whole[3][: len(whole[3]) // 2])  # killed inside its 4th write
+    proc = caption(folder, "--out", out)
+    assert proc.returncode == 0 and "torn last line" in proc.stderr, proc.stderr[-2000:]
+    lines = read_lines(out)
+    assert lines[:3] == [json.loads(line) for line in whole[:3]]
+    assert sorted(r["path"] for r in lines) == sorted(json.loads(line)["path"] for line in whole)
+
+
+def test_inputs_files_folders_globs_recursive(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    for name in ("a.png", "b.JPG", "notes.txt", "sub/c.webp"):
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    assert find_images(["."]) == ["a.png", "b.JPG"]
+    assert find_images([".", "a.png", "*.png"], recursive=True) == ["a.png", "b.JPG", "sub/c.webp"]
+    assert find_images(["**/*.webp", "missing.png"]) == ["sub/c.webp", "missing.png"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--out", "{tmp}"], ["is a directory"]),
+    (["--out", "{tmp}/x.jsonl", "--prompt", " "], ["--prompt is empty"]),
+    (["--out", "{tmp}/x.jsonl", "--parallel", "0"], ["--parallel"]),
+])
+def test_bad_options_are_one_line(tmp_path, args, words):
+    proc = caption(EXAMPLES[0], *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llava-edge: error:") and all(w in lines[0] for w in words)
+
+
+def test_no_images_is_one_line(tmp_path):
+    proc = caption(tmp_path, "--out", tmp_path / "x.jsonl")
+    assert proc.returncode == 2 and "no image files" in proc.stderr
