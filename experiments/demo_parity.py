@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llava_edge.export.pipeline import ExportOptions, export_bundle  # noqa: E402
+from llava_edge.paths import DEMO_CHECKPOINT  # noqa: E402
 from llava_edge.runtime.evaluate import evaluate_bundle  # noqa: E402
-from llava_edge.train.demo import ASSETS  # noqa: E402
 from llava_edge.train.evaluate import evaluate  # noqa: E402
 
 
@@ -36,13 +36,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    reference = evaluate(ASSETS, args.data, progress=False)
+    reference = evaluate(DEMO_CHECKPOINT, args.data, progress=False)
     rows = {"reference": {"result": reference.summary(), "seconds": time.perf_counter() - t0, "identical": 1.0}}
     ref_answers = [s.prediction for s in reference.samples]
     for quant in args.quants:
         bundle = work / f"bundle-{quant}"
         if not (bundle / "manifest.json").exists():
-            export_bundle(ExportOptions(str(ASSETS), str(bundle), quant, "auto", None, False, True, args.threads))
+            export_bundle(ExportOptions(str(DEMO_CHECKPOINT), str(bundle), quant, "auto", None, False, True, args.threads))
         t0 = time.perf_counter()
         result = evaluate_bundle(bundle, args.data, threads=args.threads, progress=False)
         same = sum(a == s.prediction for a, s in zip(ref_answers, result.samples)) / len(ref_answers)

@@ -85,7 +85,8 @@ def file_bytes(path: Path) -> int:
 def stage_export(work: Path, kind: str) -> dict:
     import numpy as np
 
-    from llava_edge.export.onnx_vision import export_vision_onnx_report, reference_embeddings
+    from llava_edge.export.onnx_vision import export_vision_onnx_report
+    from llava_edge.quant.onnx_run import reference_embeddings
 
     model = random_llava_vision()
     rss_model = peak_rss_mb()
@@ -125,7 +126,7 @@ def stage_variant(work: Path, name: str) -> dict:
 def stage_latency(work: Path, threads: int, runs: int, graphs: list[str]) -> dict:
     import numpy as np
 
-    from llava_edge.export.onnx_vision import embeddings_agreement, ort_session, run_onnx
+    from llava_edge.quant.onnx_run import cpu_session, embeddings_agreement, run_onnx
 
     pixels = calibration_pixels()
     reference = np.load(work / "reference.npy")
@@ -133,7 +134,7 @@ def stage_latency(work: Path, threads: int, runs: int, graphs: list[str]) -> dic
     for name in graphs:
         before = current_rss_mb()
         t = time.perf_counter()
-        sessions[name] = ort_session(work / GRAPHS[name], threads=threads)
+        sessions[name] = cpu_session(work / GRAPHS[name], threads=threads)
         load_s = time.perf_counter() - t
         got = np.concatenate([run_onnx(sessions[name], pixels[i : i + 1]) for i in range(len(pixels))])
         rows[name] = {"session_load_s": round(load_s, 1), "session_rss_mb": round(current_rss_mb() - before),

@@ -180,7 +180,7 @@ def build_demo(
     install: bool = typer.Option(True, help="copy the fp16 checkpoint into the package's assets"),
 ):
     """Rebuild the demo model from nothing on CPU (shapes world, CLIP tower, LM, stage 1, stage 2, eval)."""
-    from .train.demo import DemoConfig, build_demo as run
+    from .demo.build import DemoConfig, build_demo as run
 
     run(DemoConfig(out_dir=out_dir, install=install))
 

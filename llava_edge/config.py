@@ -11,11 +11,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .conversation import IMAGE_TOKEN_INDEX
 from .errors import CheckpointError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's pixel normalization (image.py's defaults too)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_TOKEN_INDEX = -200  # LLaVA's placeholder id: one per image in a prompt, expanded to n_image_tokens
 
 
 @dataclass

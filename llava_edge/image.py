@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from llava_edge.config import CLIP_MEAN, CLIP_STD
 from llava_edge.errors import ImageError, UserError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ASPECTS = ("pad", "square")
 

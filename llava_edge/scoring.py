@@ -1,19 +1,74 @@
-"""Scoring answers on a shapes-world test set: accuracy per question type and POPE-style yes/no metrics.
-Shared by the reference evaluation (train/evaluate.py) and the bundle's (runtime/evaluate.py); no torch."""
+"""Scoring answers on a shapes-world test set: the answer rules, accuracy per question type and POPE-style
+yes/no metrics. Shared by the reference evaluation (train/evaluate.py) and the bundle's (runtime/evaluate.py),
+so a leaf: no torch, nothing from train/."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .conversation import IMAGE_TOKEN
 from .errors import UserError
 from .llava_json import load_llava_json
-from .train.shapes import QUESTION_TYPES, pope_f1, score_answer
 
+QUESTION_TYPES = ("color", "shape", "count", "exists", "describe")  # the shapes world's (DESIGN.md)
 POPE_TYPE = "exists"  # the yes/no question type scored with POPE's metrics
+
+
+# ----------------------------------------------------------------------------- answer rules
+
+
+def _normalize(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+_DIGIT_WORDS = {"1": "one", "2": "two", "3": "three"}
+
+
+def score_answer(question_type: str, prediction: str, answer: str) -> bool:
+    """Exact match after lower-casing and dropping punctuation and extra whitespace
+    (for "describe" too: the whole caption must match). Counts also accept digits."""
+    pred, gold = _normalize(prediction), _normalize(answer)
+    if question_type == "count":
+        pred, gold = _DIGIT_WORDS.get(pred, pred), _DIGIT_WORDS.get(gold, gold)
+    return pred == gold
+
+
+def pope_label(text: str) -> str:
+    """LLaVA's POPE rule: "no" if the first sentence has the word "No", "no" or "not", else "yes"."""
+    first = text.split(".")[0].replace(",", "")
+    words = first.split()  # LLaVA splits on " " only; any whitespace also catches "No\n"
+    return "no" if {"No", "no", "not"} & set(words) else "yes"
+
+
+def pope_f1(preds: list[str], golds: list[str]) -> dict[str, float]:
+    """POPE metrics with "yes" as the positive class. preds are model texts (mapped with
+    pope_label); golds are "yes"/"no" in any case."""
+    if len(preds) != len(golds):
+        raise ValueError(f"{len(preds)} predictions for {len(golds)} labels")
+    p = [pope_label(x) == "yes" for x in preds]
+    g = [x.strip().lower() == "yes" for x in golds]
+    tp = sum(a and b for a, b in zip(p, g))
+    fp = sum(a and not b for a, b in zip(p, g))
+    tn = sum(not a and not b for a, b in zip(p, g))
+    fn = sum(not a and b for a, b in zip(p, g))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    n = len(p)
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "accuracy": (tp + tn) / n if n else 0.0,
+        "yes_ratio": sum(p) / n if n else 0.0,
+    }
+
+
+# ----------------------------------------------------------------------------- scores
 
 
 @dataclass

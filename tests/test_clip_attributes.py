@@ -15,7 +15,7 @@ from llava_edge.train.clip_attributes import (
     true_texts,
     train_attribute_clip,
 )
-from llava_edge.train.clip_pretrain import ClipTrainConfig, TextEncoderConfig
+from llava_edge.train.clip_model import ClipTrainConfig, TextEncoderConfig
 from llava_edge.train.shapes import build_dataset
 
 
@@ -81,3 +81,44 @@ def test_micro_run_learns_and_writes_a_clip_dir(tmp_path):
 
     tower = CLIPVisionModel.from_pretrained(tmp_path / "clip")
     assert tower.config.num_hidden_layers == 2 and (tmp_path / "clip" / "clip_train.json").exists()
+
+
+def _one_epoch(data, out, seed=0):
+    clip = ClipTrainConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=56, patch_size=14),
+        text=TextEncoderConfig(width=32, layers=1, heads=2), embed_dim=16, batch_size=16, epochs=1, lr=3e-3)
+    train_attribute_clip(AttributeClipConfig(clip=clip, heldout=16, seed=seed), data, out, progress=False)
+    return out
+
+
+def test_saved_tower_matches_transformers_at_layer_minus_2_and_is_seeded(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModel
+
+    from llava_edge.config import read_json, vision_config_from_dict
+    from llava_edge.image import load_image, preprocess
+    from llava_edge.reference.vision import VisionTransformer
+
+    data = tmp_path / "data"
+    build_dataset(data, 48, 0, seed=0, progress=False)
+    out = _one_epoch(data, tmp_path / "a")
+    hf = CLIPVisionModel.from_pretrained(out).eval()
+    cfg = vision_config_from_dict(read_json(out / "config.json"))
+    ours = VisionTransformer(cfg).eval()
+    ours.load_state_dict({k.removeprefix("vision_model."): v for k, v in load_file(out / "model.safetensors").items()})
+    images = sorted((data / "images").glob("train_*.png"))[:3]
+    pixels = torch.stack([torch.from_numpy(preprocess(load_image(p), cfg.image_size)) for p in images])
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        got = ours(pixels, [cfg.num_hidden_layers - 1])[0]
+    assert got.shape == (3, cfg.num_patches + 1, 32)
+    assert expected.abs().max() > 0.1
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert read_json(out / "preprocessor_config.json")["crop_size"] == {"height": 56, "width": 56}
+
+    a, b, c = (load_file(d / "model.safetensors")
+               for d in (out, _one_epoch(data, tmp_path / "b"), _one_epoch(data, tmp_path / "c", seed=1)))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(a[key], c[key])

@@ -19,10 +19,10 @@ from llava_edge.train.data import (
     IGNORE_INDEX,
     LlavaDataset,
     collate,
-    load_llava_json,
     modality_length_grouped_batches,
     tokenize_example,
 )
+from llava_edge.llava_json import load_llava_json
 
 IMG = -200
 M = IGNORE_INDEX

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from llava_edge.export import pipeline
-from llava_edge.export.bundle import read_manifest, sha256_of
 from llava_edge.export.gguf_parity import decoder_parity
-from llava_edge.export.onnx_vision import run_onnx
+from llava_edge.paths import DEMO_CHECKPOINT
+from llava_edge.quant.onnx_run import run_onnx
 from llava_edge.reference.checkpoint import load_checkpoint
+from llava_edge.runtime.bundle import read_manifest, sha256_of
 from tiny_checkpoints import make_liuhaotian_checkpoint
 
 THREADS = 1
@@ -121,7 +122,7 @@ def test_existing_bundle_needs_overwrite(ckpt, f32_bundle):
     assert json.loads((out / "manifest.json").read_text())["decoder"]["quant"] == "F32"
 
 
-DEMO = pipeline.Path(pipeline.__file__).resolve().parent.parent / "assets" / "demo" / "checkpoint"
+DEMO = DEMO_CHECKPOINT
 
 
 @pytest.mark.parametrize("quant,min_top1", [("Q8_0", 0.99), ("Q4_K_M", 0.90)])

@@ -16,7 +16,7 @@ from llava_edge.bench.llamacpp_mtmd import llamacpp_image_embeddings
 from llava_edge.errors import UserError
 from llava_edge.export import pipeline
 from llava_edge.export.mmproj import write_mmproj
-from llava_edge.export.onnx_vision import embeddings_agreement, reference_embeddings
+from llava_edge.quant.onnx_run import embeddings_agreement, reference_embeddings
 from llava_edge.image import load_image, preprocess
 from llava_edge.reference.checkpoint import load_checkpoint
 from tiny_checkpoints import make_hf_model, save_full_clip, save_hf_layout, save_liuhaotian_layout

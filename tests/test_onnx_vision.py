@@ -7,8 +7,10 @@ import onnx
 import pytest
 import torch
 
-from llava_edge.export import onnx_files, onnx_vision
-from llava_edge.export.onnx_vision import export_vision_onnx_report, run_onnx, vision_parity
+from llava_edge.export import onnx_vision
+from llava_edge.export.onnx_vision import export_vision_onnx_report, vision_parity
+from llava_edge.quant import onnx_files
+from llava_edge.quant.onnx_run import run_onnx
 from llava_edge.quant import onnx_vision as quant
 from llava_edge.quant.onnx_vision import choose_precision
 from llava_edge.reference.checkpoint import load_checkpoint

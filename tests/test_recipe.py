@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from llava_edge.reference.checkpoint import load_checkpoint, load_bin
-from llava_edge.train.recipe import TrainConfig, cosine_lr, train
+from llava_edge.train.recipe import TrainConfig, train
+from llava_edge.train.schedule import cosine_lr
 from safetensors.torch import load_file
 from tiny_parts import make_parts
 
@@ -142,45 +143,3 @@ def test_two_ranks_match_one_process(parts, stage1, tmp_path, engine):
         assert torch.equal(t, r1["trainable"][name]), name  # ranks end with identical weights
         assert torch.allclose(t, single["trainable"][name], atol=1e-5), name
     assert load_checkpoint(tmp_path / "two").config.format == "liuhaotian"
-
-
-def test_demo_build_runs_end_to_end_in_miniature(tmp_path):
-    """`llava-edge build-demo`'s whole chain (world, CLIP tower, LM, stage 1, stage 2, fp16 checkpoint, bundle, eval)
-    at toy sizes; a second call finds every step done and only re-evaluates."""
-    from llava_edge.config import VisionConfig
-    from llava_edge.train.clip_attributes import AttributeClipConfig
-    from llava_edge.train.clip_pretrain import ClipTrainConfig, TextEncoderConfig
-    from llava_edge.train.demo import DemoConfig, build_demo
-
-    clip = ClipTrainConfig(
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                            image_size=28, patch_size=14),
-        text=TextEncoderConfig(width=32, layers=1, heads=2), embed_dim=16, batch_size=8, epochs=1)
-    cfg = DemoConfig(
-        out_dir=str(tmp_path / "demo"), n_train_images=16, n_test_images=3, n_clip_images=24,
-        clip=AttributeClipConfig(clip=clip, heldout=8),
-        text=dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512),
-        micro_batch_size=4, stage1_batch=8, stage2_batch=8, install=False)
-    report = build_demo(cfg)
-    assert set(report["seconds"]) >= {"shapes world", "CLIP tower", "language model", "stage 1", "stage 2",
-                                      "fp16 checkpoint", "edge bundle", "eval"}
-    from llava_edge.runtime.bundle import open_bundle
-
-    bundle = open_bundle(tmp_path / "demo" / "bundle")
-    assert bundle.quant == "Q4_K_M" and bundle.mmproj_file is not None and bundle.n_embd == 32
-    loaded = load_checkpoint(tmp_path / "demo" / "checkpoint")
-    assert {p.dtype for p in loaded.model.parameters()} == {torch.float16}
-    assert report["eval"]["n"] > 0
-    again = build_demo(cfg)
-    assert again["seconds"]["stage 2"] == report["seconds"]["stage 2"]  # not retrained
-
-    from llava_edge.train.demo import install
-
-    assets = tmp_path / "package" / "assets" / "demo"
-    install(tmp_path / "demo", again, assets / "checkpoint", assets / "bundle")
-    manifest = json.loads((assets / "bundle" / "manifest.json").read_text())
-    assert manifest["source"]["path"] == "../checkpoint"  # not the build's work dir
-    assert open_bundle(assets / "bundle").decoder_file.is_file()  # the hashes still verify
-    assert load_checkpoint(assets / "checkpoint").config.text.hidden_size == 32
-    assert json.loads((assets / "demo_report.json").read_text())["targets"]["met"] in (True, False)

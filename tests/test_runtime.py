@@ -20,7 +20,7 @@ from llava_edge.runtime.bundle import DEMO_BUNDLE, open_bundle
 from llava_edge.runtime.sampling import SamplingConfig, sample_token
 from llava_edge.runtime.session import ChatSession
 from llava_edge.runtime.vision import EmbeddingCache, VisionEncoder, choose_providers
-from llava_edge.train.demo import ASSETS
+from llava_edge.paths import DEMO_CHECKPOINT as ASSETS
 from tiny_checkpoints import make_liuhaotian_checkpoint
 
 THREADS = 1
@@ -115,7 +115,8 @@ def test_demo_bundle_answers_like_the_reference(demo, tmp_path):
     """Greedy answers of the shipped bundle on unseen shapes-world images vs the reference on the fp16
     checkpoint it was exported from."""
     from llava_edge.runtime.evaluate import answer_with_bundle
-    from llava_edge.train.evaluate import answer_questions, load_test_records
+    from llava_edge.scoring import load_test_records
+    from llava_edge.train.evaluate import answer_questions
     from llava_edge.train.shapes import build_dataset
 
     build_dataset(tmp_path, 0, 24, seed=123, progress=False)

@@ -8,6 +8,8 @@ import pytest
 import sentencepiece as spm
 from PIL import Image
 
+from llava_edge import scoring
+from llava_edge.conversation import VICUNA_SYSTEM
 from llava_edge.train import shapes
 from llava_edge.train.shapes import (
     COLOR_RGB,
@@ -16,12 +18,9 @@ from llava_edge.train.shapes import (
     ShapeObject,
     build_dataset,
     caption,
-    pope_f1,
-    pope_label,
     questions_for,
     render_scene,
     sample_scene,
-    score_answer,
     train_tokenizer,
     world_texts,
 )
@@ -159,7 +158,7 @@ def test_questions_are_answerable_and_correct():
     types = Counter()
     for scene in _scenes(400, seed=2):
         qas = questions_for(scene, rng)
-        assert [t for t, _, _ in qas] == sorted({t for t, _, _ in qas}, key=shapes.QUESTION_TYPES.index)
+        assert [t for t, _, _ in qas] == sorted({t for t, _, _ in qas}, key=scoring.QUESTION_TYPES.index)
         assert {"count", "exists", "describe"} <= {t for t, _, _ in qas}
         for qtype, question, answer in qas:
             types[qtype] += 1
@@ -234,7 +233,7 @@ def test_dataset_json_has_llava_structure(dataset):
             centre = pixels[(y0 + y1) // 2 + (y1 - y0) // 4, (x0 + x1) // 2].astype(int)  # below the middle
             assert np.abs(centre - shapes.COLOR_RGB[obj["color"]]).max() <= shapes.COLOR_JITTER
 
-    assert {r["question_type"] for r in test} == set(shapes.QUESTION_TYPES)
+    assert {r["question_type"] for r in test} == set(scoring.QUESTION_TYPES)
     train_images = {r["image"] for r in stage1}
     for rec in test:
         assert rec["image"].startswith("images/test_") and rec["image"] not in train_images
@@ -301,11 +300,11 @@ def test_tokenizer_is_compact_on_world_text_and_round_trips_anything(dataset):
     # world words are single pieces, not spelled out
     caption_text = "A red circle, a blue square and a green triangle."
     assert len(sp.encode(caption_text)) == len(caption_text.split()) + 2  # + "," and "."
-    assert len(sp.encode(shapes.VICUNA_SYSTEM)) <= 32
+    assert len(sp.encode(VICUNA_SYSTEM)) <= 32
     for answer in ["Red", "Yellow", "Triangle", "Yes", "No", "Three"]:
         assert sp.encode(answer, out_type=str) == ["▁" + answer]  # one-word answers are one token
     for text in ["A red circle and a blue square.", "Émoji 🦙 and 中文 — ok\ttab  two spaces",
-                 "12345 digits", "  leading spaces", shapes.VICUNA_SYSTEM]:
+                 "12345 digits", "  leading spaces", VICUNA_SYSTEM]:
         ids = sp.encode(text)
         assert sp.decode(ids) == text
         assert 0 not in ids  # byte fallback: nothing becomes <unk>
@@ -319,40 +318,3 @@ def test_tokenizer_training_is_deterministic(tmp_path):
     assert spm.SentencePieceProcessor(model_file=str(a)).vocab_size() == 384
     with pytest.raises(ValueError, match="too small"):
         train_tokenizer(world_texts(), tmp_path / "c", 260)
-
-
-# ---------------------------------------------------------------- scoring
-
-
-def test_score_answer():
-    assert score_answer("color", " red. ", "Red")
-    assert not score_answer("color", "Blue", "Red")
-    assert score_answer("count", "2", "Two") and score_answer("count", "Two!", "Two")
-    assert not score_answer("count", "3", "Two")
-    assert score_answer("exists", "yes", "Yes") and not score_answer("exists", "Yes, there is.", "No")
-    assert score_answer("describe", "a red circle and a  blue square", "A red circle and a blue square.")
-    assert not score_answer("describe", "A blue square and a red circle.", "A red circle and a blue square.")
-
-
-def test_pope_label_follows_llava_rule():
-    assert pope_label("No") == "no"
-    assert pope_label("no, there is not.") == "no"
-    assert pope_label("There is not a red square.") == "no"
-    assert pope_label("Yes") == "yes"
-    assert pope_label("Yes. There is no blue circle.") == "yes"  # only the first sentence counts
-    assert pope_label("Nothing here") == "yes"  # whole words only
-    assert pope_label("No\n") == "no"
-
-
-def test_pope_f1_hand_worked():
-    # preds yes,yes,no,no,yes ; golds yes,no,no,yes,yes -> TP=2 FP=1 TN=1 FN=1
-    m = pope_f1(["Yes", "yes", "No", "no.", "Yes, there is."], ["yes", "no", "No", "Yes", "yes"])
-    assert m["precision"] == pytest.approx(2 / 3)
-    assert m["recall"] == pytest.approx(2 / 3)
-    assert m["f1"] == pytest.approx(2 / 3)
-    assert m["accuracy"] == pytest.approx(3 / 5)
-    assert m["yes_ratio"] == pytest.approx(3 / 5)
-    allno = pope_f1(["No", "No"], ["yes", "no"])
-    assert allno == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "accuracy": 0.5, "yes_ratio": 0.0}
-    with pytest.raises(ValueError):
-        pope_f1(["Yes"], [])

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ..image import load_image, preprocess
-from ..runtime.bundle import DEMO_BUNDLE, open_bundle
-
-CALIBRATION = Path(__file__).resolve().parent.parent / "assets" / "calibration"
+from ..paths import CALIBRATION_DIR, DEMO_BUNDLE, DEMO_CHECKPOINT
+from ..runtime.bundle import open_bundle
 
 
 @dataclass
@@ -41,22 +40,21 @@ class Case:
 
 
 def demo_case(work: Path) -> Case:
-    from ..train.demo import ASSETS
     from ..train.shapes import render_scene, sample_scene
 
     work.mkdir(parents=True, exist_ok=True)
     image = work / "shapes.png"
     if not image.exists():
         render_scene(sample_scene(np.random.default_rng(7))).save(image)
-    ref = _reference_embeddings(ASSETS, image, work / f"reference_embeds-{_vision_sha(DEMO_BUNDLE)}.npy")
-    return Case("demo", ASSETS, DEMO_BUNDLE, image, {open_bundle(DEMO_BUNDLE).vision.precision: DEMO_BUNDLE / "vision.onnx"},
+    ref = _reference_embeddings(DEMO_CHECKPOINT, image, work / f"reference_embeds-{_vision_sha(DEMO_BUNDLE)}.npy")
+    return Case("demo", DEMO_CHECKPOINT, DEMO_BUNDLE, image, {open_bundle(DEMO_BUNDLE).vision.precision: DEMO_BUNDLE / "vision.onnx"},
                 ref, "the shipped demo model (4 M parameters, 112 px, 64 image tokens)")
 
 
 def llava7b_case(work: Path, decoder_layers: int, threads: int, all_precisions: bool = True) -> Case:
     work = work / f"llava7b-L{decoder_layers}"
     ckpt, bundle = work / "checkpoint", work / "bundle"
-    image = CALIBRATION / "astronaut.jpg"
+    image = CALIBRATION_DIR / "astronaut.jpg"
     if not (bundle / "manifest.json").exists():
         _make_random_checkpoint(ckpt, decoder_layers)
         from ..export.pipeline import ExportOptions, export_bundle
@@ -83,7 +81,6 @@ def _make_random_checkpoint(ckpt: Path, decoder_layers: int) -> None:
     from ..config import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
     from ..reference.checkpoint import save_liuhaotian
     from ..reference.llava import Llava
-    from ..train.demo import ASSETS
 
     torch.manual_seed(0)
     cfg = LlavaConfig(vision=VisionConfig(), projector=ProjectorConfig(type="mlp2x_gelu", in_features=1024, out_features=4096),
@@ -100,7 +97,7 @@ def _make_random_checkpoint(ckpt: Path, decoder_layers: int) -> None:
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # The demo's SentencePiece model; the GGUF vocab is padded to 32000 as llava-hf vocabularies are.
-    save_liuhaotian(model, tmp, ASSETS / "tokenizer.model", dtype=torch.float16)
+    save_liuhaotian(model, tmp, DEMO_CHECKPOINT / "tokenizer.model", dtype=torch.float16)
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)
 

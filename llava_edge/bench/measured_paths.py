@@ -95,19 +95,15 @@ def path_edge(spec: dict) -> dict:
 
 
 def path_edge_vision(spec: dict) -> dict:
-    import onnxruntime as ort
-
     from ..image import load_image, preprocess
+    from ..onnx_session import ort_session
 
     m = json.loads((Path(spec["bundle"]) / "manifest.json").read_text())["vision"]
     pixels = preprocess(load_image(spec["image"]), m["image_size"], m["mean"], m["std"], m["aspect"])[None]
     ref = np.load(spec["reference_embeds"])
     out = {}
     for precision, graph in spec["vision_graphs"].items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = spec["threads"]
-        options.log_severity_level = 3
-        sess = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        sess = ort_session(graph, spec["threads"], quiet=True)
         times = []
         for _ in range(spec["runs"] + 1):
             t0 = time.perf_counter()

@@ -12,13 +12,11 @@ import numpy as np
 
 def _session(graph, threads: int):
     import onnx
-    import onnxruntime as ort
+
+    from ..onnx_session import ort_session
 
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort_session(model.SerializeToString(), threads, quiet=True)
 
 
 def _median_seconds(fn, runs: int) -> float:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
-from ..runtime.bundle import FORMAT_VERSION, read_manifest, sha256_of  # noqa: F401  (re-exported)
+from ..runtime.bundle import sha256_of
 
 TEMP_PREFIX = ".llava-edge-export-"
 

@@ -30,11 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quant.onnx_files import move_model, release_freed_memory, save_onnx
+from ..quant.onnx_run import INPUT_NAME, OUTPUT_NAME, cpu_session, embeddings_agreement, reference_embeddings, run_onnx
 from ..reference.llava import Llava
-from .onnx_files import move_model, release_freed_memory, save_onnx
-
-INPUT_NAME = "pixel_values"
-OUTPUT_NAME = "image_embeds"
 FUSED_MIN_COSINE = 0.99999  # the fp32 fidelity bound (DESIGN.md "Fidelity")
 
 
@@ -123,7 +121,7 @@ def export_vision_onnx_report(
             fuse_graph(plain_dir / out_path.name, fused_dir / out_path.name, v.num_attention_heads, v.hidden_size)
             release_freed_memory()
             probe = np.random.default_rng(0).standard_normal((1, 3, v.image_size, v.image_size)).astype(np.float32)
-            got = run_onnx(ort_session(fused_dir / out_path.name, low_memory=True), probe)
+            got = run_onnx(cpu_session(fused_dir / out_path.name, low_memory=True), probe)
             cosine = embeddings_agreement(got, reference_embeddings(model, probe))["cosine_min"]
             if cosine >= FUSED_MIN_COSINE:
                 chosen, fused_ok = fused_dir, True
@@ -188,52 +186,10 @@ def declare_used_domains(proto: onnx.ModelProto) -> None:
         proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))
 
 
-# ----------------------------------------------------------------------------- running and parity
-
-
-def ort_session(path: str | os.PathLike, threads: int | None = None, low_memory: bool = False):
-    """CPU session with all graph optimizations. threads None: $OMP_NUM_THREADS if set, else ORT's default.
-
-    low_memory: for one-off parity runs; no pre-packed weight copies and no memory arena (slower runs).
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if low_memory:
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-        opts.enable_cpu_mem_arena = False
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is None:
-        threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(path_or_session, pixel_values, threads: int | None = None) -> np.ndarray:
-    session = path_or_session if hasattr(path_or_session, "run") else ort_session(path_or_session, threads)
-    pixels = pixel_values.numpy() if isinstance(pixel_values, torch.Tensor) else pixel_values
-    return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(pixels, dtype=np.float32)})[0]
-
-
-def embeddings_agreement(got: np.ndarray, expected: np.ndarray) -> dict:
-    """cosine_min: the lowest cosine between matching token vectors; max_abs: the largest |difference|."""
-    got = np.asarray(got, dtype=np.float64).reshape(-1, expected.shape[-1])
-    expected = np.asarray(expected, dtype=np.float64).reshape(-1, expected.shape[-1])
-    if got.shape != expected.shape:
-        raise ValueError(f"embedding shapes differ: {got.shape} vs {expected.shape}")
-    norms = np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
-    cosine = (got * expected).sum(axis=1) / np.maximum(norms, 1e-30)
-    return {"cosine_min": float(cosine.min()), "max_abs": float(np.abs(got - expected).max())}
-
-
-def reference_embeddings(model: Llava, pixel_values) -> np.ndarray:
-    pixels = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32))
-    with torch.no_grad():
-        return model.encode_images(pixels).float().numpy()
+# ----------------------------------------------------------------------------- parity
 
 
 def vision_parity(onnx_path: str | os.PathLike, model: Llava, pixel_values, threads: int | None = None) -> dict:
     """The ONNX graph vs the PyTorch reference (`model.encode_images`) on the same pixels."""
-    got = run_onnx(ort_session(onnx_path, threads, low_memory=True), pixel_values)
+    got = run_onnx(cpu_session(onnx_path, threads, low_memory=True), pixel_values)
     return embeddings_agreement(got, reference_embeddings(model, pixel_values))

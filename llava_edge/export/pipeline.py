@@ -18,9 +18,10 @@ from ..conversation import get_template, render_prompt, tokenize_prompt
 from ..errors import UserError
 from ..image import load_image, preprocess_batch
 from ..reference.checkpoint import load_checkpoint, read_llava_config, resolve_checkpoint
-from .bundle import FORMAT_VERSION, file_entry, staged_dir, write_manifest
+from ..paths import CALIBRATION_DIR
+from ..runtime.bundle import FORMAT_VERSION
+from .bundle import file_entry, staged_dir, write_manifest
 
-CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "assets" / "calibration"
 QUANTS = ("Q4_K_M", "Q4_0", "Q5_K_M", "Q8_0", "F16", "F32")
 # Decoder parity runs the reference in fp32 beside llama.cpp: skipped when that cannot fit in RAM.
 PARITY_RAM_FRACTION = 0.6

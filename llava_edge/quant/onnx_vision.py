@@ -21,8 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 
-from ..export.onnx_files import release_freed_memory, save_onnx
-from ..export.onnx_vision import INPUT_NAME, embeddings_agreement, ort_session, reference_embeddings, run_onnx
+from .onnx_files import release_freed_memory, save_onnx
+from .onnx_run import INPUT_NAME, cpu_session, embeddings_agreement, reference_embeddings, run_onnx
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def choose_precision(
     calib = np.asarray(calib_pixels, dtype=np.float32)
 
     def embeddings(path: Path) -> np.ndarray:
-        return run_onnx(ort_session(path, threads, low_memory=True), calib)
+        return run_onnx(cpu_session(path, threads, low_memory=True), calib)
 
     expected = reference_embeddings(model, calib) if model is not None else embeddings(fp32_path)
 

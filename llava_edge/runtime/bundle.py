@@ -13,14 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..paths import DEMO_BUNDLE, cache_dir  # noqa: F401  (DEMO_BUNDLE: the runtime's default bundle)
 
 FORMAT_VERSION = 1
-DEMO_BUNDLE = Path(__file__).resolve().parent.parent / "assets" / "demo" / "bundle"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LLAVA_EDGE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llava-edge"
-    return Path(root)
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -1,88 +1,19 @@
 """Open a GGUF decoder in llama-cpp-python with the settings the runtime needs, never in a way that crashes.
 
 `use_extra_bufts` (llama.cpp's AMX / repacked CPU kernels) is decided by `llama_probe`: some builds die
-with SIGILL in those kernels. llama-cpp-python's `Llama` does not expose that model parameter, so it is
-set on the parameter struct while `Llama.__init__` builds it (under a lock: the hook is process-wide).
-No torch here.
+with SIGILL in those kernels. No torch here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 from pathlib import Path
 
 import llama_cpp
-import llama_cpp.llama_cpp as llama_cpp_c
 
 from ..errors import UserError
+from .llama_construct import construct_llama
 from .llama_probe import extra_bufts_verdict
-
-_PARAMS_HOOK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _native_params(use_extra_bufts: bool, n_seq_max: int):
-    """Set what `Llama` has no argument for: the model's extra buffer types, the context's sequence count
-    (each of the n_seq_max sequences gets n_ctx / n_seq_max positions: kv_unified off)."""
-    model_defaults = llama_cpp_c.llama_model_default_params
-    context_defaults = llama_cpp_c.llama_context_default_params
-
-    def model_params():
-        params = model_defaults()
-        params.use_extra_bufts = use_extra_bufts
-        return params
-
-    def context_params():
-        params = context_defaults()
-        params.n_seq_max = n_seq_max
-        params.kv_unified = False
-        return params
-
-    with _PARAMS_HOOK:
-        llama_cpp_c.llama_model_default_params = model_params
-        llama_cpp_c.llama_context_default_params = context_params
-        try:
-            yield
-        finally:
-            llama_cpp_c.llama_model_default_params = model_defaults
-            llama_cpp_c.llama_context_default_params = context_defaults
-
-
-def construct_llama(
-    gguf_path: str | os.PathLike,
-    extra_bufts: bool,
-    n_ctx: int,
-    n_batch: int,
-    n_threads: int,
-    f32_kv: bool = False,
-    logits_all: bool = False,
-    seed: int = 0,
-    verbose: bool = False,
-    n_seq_max: int = 1,
-    **llama_kwargs,
-) -> llama_cpp.Llama:
-    """A `Llama` with explicit extra-buffer-type choice; ubatch = batch, so one decode call of up to
-    n_batch positions (tokens or embeddings) is a single graph. n_ctx is the whole context: with
-    n_seq_max > 1 each sequence holds n_ctx / n_seq_max positions."""
-    kv_type = llama_cpp.GGML_TYPE_F32 if f32_kv else None
-    with _native_params(extra_bufts, n_seq_max):
-        return llama_cpp.Llama(
-            model_path=str(gguf_path),
-            n_ctx=n_ctx,
-            n_batch=n_batch,
-            n_ubatch=n_batch,
-            n_threads=n_threads,
-            n_threads_batch=n_threads,
-            logits_all=logits_all,
-            type_k=kv_type,
-            type_v=kv_type,
-            seed=seed,
-            verbose=verbose,
-            **llama_kwargs,
-        )
-
 
 def open_llama(
     gguf_path: str | os.PathLike,

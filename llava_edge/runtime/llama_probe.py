@@ -7,7 +7,7 @@ for a CPU with AMX does exactly that at the first multi-token decode of any quan
 are dropped as dead; `ldtilecfg` loads tiles with zero rows and the first `tilezero` raises #UD).
 
 A crash kills the process, so the question is asked in a child process, once per machine and library
-build, and the verdict cached under ~/.cache/llava-edge. `LLAVA_EDGE_EXTRA_BUFTS=0|1` skips the probe.
+build, and the verdict cached in llava-edge's cache dir (`paths.cache_dir`). `LLAVA_EDGE_EXTRA_BUFTS=0|1` skips the probe.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from ..paths import cache_dir
 
 ENV_OVERRIDE = "LLAVA_EDGE_EXTRA_BUFTS"
 PROBE_KINDS = ("Q4_0", "Q8_0", "Q4_K_M", "Q5_K_M", "F16")
@@ -39,8 +40,7 @@ class Verdict:
 
 
 def cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "llava-edge" / "llama_cpp_probe.json"
+    return cache_dir() / "llama_cpp_probe.json"
 
 
 def machine_key() -> str:
@@ -146,13 +146,12 @@ def _child(workdir: Path, extra_bufts: bool) -> None:
     import llama_cpp
     import numpy as np
 
-    from ..quant.gguf import quantize_gguf
-    from .llama_loader import construct_llama
-    from .probe_model import write_probe_gguf
+    from .llama_construct import construct_llama
+    from .probe_model import quantize_probe, write_probe_gguf
 
     f32 = write_probe_gguf(workdir / "probe-F32.gguf")
     for kind in PROBE_KINDS:
-        path = quantize_gguf(f32, workdir / f"probe-{kind}.gguf", kind, n_threads=1, progress=False)
+        path = quantize_probe(f32, workdir / f"probe-{kind}.gguf", kind)
         llm = construct_llama(path, extra_bufts=extra_bufts, n_ctx=128, n_batch=64, n_threads=1)
         llm.eval(list(range(3, 3 + 40)))  # M > 1: the tiled (AMX) and repacked GEMM kernels
         llm.eval([7])  # M = 1: the GEMV kernels

@@ -1,11 +1,12 @@
 """A tiny random `llama` GGUF written with numpy alone (the runtime has neither torch nor gguf-py).
 
-Used by `llama_loader`'s probe: quantized with llama.cpp's own quantizer, it exercises the same CPU
-kernels as a real model. Dimensions are multiples of 256 so every K-quant and the AMX/repack paths apply.
+Used by `llama_probe`: quantized with llama.cpp's own quantizer, it exercises the same CPU kernels as a
+real model. Dimensions are multiples of 256 so every K-quant and the AMX/repack paths apply.
 """
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from pathlib import Path
 
@@ -104,3 +105,16 @@ def write_probe_gguf(path: Path) -> Path:
             f.write(array.tobytes())
             f.write(b"\0" * (-array.nbytes % ALIGNMENT))
     return Path(path)
+
+
+def quantize_probe(src: Path, dst: Path, kind: str) -> Path:
+    """llama.cpp's quantizer on the probe model, one thread, no progress or checks (the runtime has no quant/:
+    `quant.gguf.quantize_gguf` is the export's, with validation and progress)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + kind)
+    params.nthread = 1
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise SystemExit(f"llama.cpp could not quantize the probe model to {kind}")
+    return Path(dst)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..image import load_image, preprocess, read_image_source
+from ..onnx_session import ort_session
 from .bundle import Bundle
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -107,18 +108,9 @@ class VisionEncoder:
         import onnxruntime as ort
 
         self.spec = bundle.vision
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        # One image at a time: ORT's arena and memory patterns only add peak RSS (measured: -90 MB at
-        # ViT-L, same latency), and idle ORT threads must not spin while llama.cpp decodes on the same cores.
-        options.enable_cpu_mem_arena = False
-        options.enable_mem_pattern = False
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = choose_providers(device, ort.get_available_providers())
-        try:
-            self.session = ort.InferenceSession(str(bundle.vision_file), options, providers=providers)
+        try:  # lean: one image at a time, beside llama.cpp on the same cores
+            self.session = ort_session(bundle.vision_file, threads, providers, lean=True, quiet=True)
         except Exception as e:  # ORT raises its own exception types for unreadable graphs
             raise UserError(f"{bundle.vision_file}: onnxruntime could not load it ({' '.join(str(e).split())[:200]})") from None
         self.provider = self.session.get_providers()[0]

@@ -35,9 +35,8 @@ import torch.nn.functional as F
 
 from ..config import CLIP_MEAN, CLIP_STD, VisionConfig
 from ..reference.checkpoint import save_clip_vision
-from .clip_pretrain import (
-    ClipModel, ClipTrainConfig, TextTokenizer, load_pixels, lr_factor, make_optimizer, optimizer_step, parse_caption,
-)
+from .clip_model import ClipModel, ClipTrainConfig, TextTokenizer, load_pixels, make_optimizer, optimizer_step, parse_caption
+from .schedule import cosine_lr
 from .shapes import COLORS, COUNT_WORDS, SHAPES
 
 ATTRIBUTE_TEXTS = [f"a {color} {shape}." for color in COLORS for shape in SHAPES]
@@ -146,7 +145,7 @@ def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir
     steps_per_epoch = train_n // c.batch_size
     total = steps_per_epoch * c.epochs
     warmup = max(1, total // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total, warmup))
     bar = tqdm(total=total, desc="clip (attributes)", unit="step", disable=not progress)
     epoch_losses = []
     for _ in range(c.epochs):

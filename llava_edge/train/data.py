@@ -24,8 +24,9 @@ from llava_edge.conversation import (
     tokenize_prompt,
 )
 from llava_edge.errors import UserError
-from llava_edge.image import CLIP_MEAN, CLIP_STD, load_image, preprocess
-from llava_edge.llava_json import load_llava_json, record_problem  # noqa: F401  (load_llava_json: public here too)
+from llava_edge.config import CLIP_MEAN, CLIP_STD
+from llava_edge.image import load_image, preprocess
+from llava_edge.llava_json import record_problem
 
 IGNORE_INDEX = -100
 EOS_TEXT = "</s>"

@@ -21,20 +21,7 @@ from ..errors import CheckpointError
 from ..image import load_image, preprocess
 from ..reference.checkpoint import load_checkpoint
 from ..reference.llava import Llava
-from ..scoring import (  # noqa: F401  (re-exported: the reference evaluation's public names)
-    POPE_TYPE,
-    EvalResult,
-    PopeScore,
-    SamplePrediction,
-    TypeScore,
-    answer_of,
-    format_table,
-    load_test_records,
-    question_of,
-    question_type_of,
-    score_predictions,
-    write_predictions,
-)
+from ..scoring import EvalResult, load_test_records, question_of, score_predictions
 
 # ----------------------------------------------------------------------------- records
 

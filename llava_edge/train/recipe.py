@@ -36,8 +36,10 @@ from ..errors import UserError
 from ..reference.checkpoint import assemble_llava, save_liuhaotian, save_llama, save_projector
 from ..reference.llama import Llama
 from ..reference.llava import Llava, causal_lm_loss
-from .data import LlavaDataset, collate, load_llava_json, modality_length_grouped_batches
+from ..llava_json import load_llava_json
+from .data import LlavaDataset, collate, modality_length_grouped_batches
 from .lora import add_lora, merge_lora
+from .schedule import cosine_lr
 
 STAGE_DEFAULTS = {
     "stage1": dict(lr=1e-3, template="plain", global_batch_size=256),
@@ -216,14 +218,6 @@ def epoch_batches(dataset: LlavaDataset, cfg: TrainConfig, world: int, epoch: in
     order = torch.randperm(len(dataset), generator=g).tolist()
     mb = cfg.micro_batch_size
     return [order[i : i + mb] for i in range(0, len(order) - mb + 1, mb)]
-
-
-def cosine_lr(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the base lr: linear warmup, then cosine to zero (HF's cosine schedule)."""
-    if step < warmup:
-        return (step + 1) / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ----------------------------------------------------------------------------- checkpoints

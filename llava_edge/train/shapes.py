@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 from dataclasses import dataclass, field
 from itertools import permutations
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..conversation import IMAGE_TOKEN, TEMPLATES
 
 SHAPES = ("circle", "square", "triangle")
 COLORS = ("red", "green", "blue", "yellow")
@@ -35,12 +36,6 @@ COUNT_WORDS = {1: "One", 2: "Two", 3: "Three"}
 
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 DESCRIBE_QUESTION = "Describe the image."
-IMAGE_TOKEN = "<image>"
-QUESTION_TYPES = ("color", "shape", "count", "exists", "describe")
-VICUNA_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
 
 
 @dataclass
@@ -177,7 +172,7 @@ def _pick(rng: np.random.Generator, items: list):
 
 def questions_for(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
     """One (question_type, question, answer) per question type that the scene can answer
-    unambiguously, in QUESTION_TYPES order. "color" needs a shape present exactly once and
+    unambiguously, in scoring.QUESTION_TYPES order. "color" needs a shape present exactly once and
     "shape" a colour present exactly once; the other types always apply."""
     shapes = [o.shape for o in scene.objects]
     colors = [o.color for o in scene.objects]
@@ -236,11 +231,13 @@ def world_texts() -> list[str]:
     questions += [exists_question(c, s) for c, s in pairs]
     answers = [c.capitalize() for c in COLORS] + [s.capitalize() for s in SHAPES]
     answers += list(COUNT_WORDS.values()) + ["Yes", "No"] + [str(n) for n in COUNT_WORDS]
-    dialogues = [f"{VICUNA_SYSTEM} USER: {q} ASSISTANT: {a}" for q in questions for a in answers]
+    vicuna = TEMPLATES["vicuna_v1"]
+    user, assistant = vicuna.roles
+    dialogues = [f"{vicuna.system} {user}: {q} {assistant}: {a}" for q in questions for a in answers]
     # Dialogues repeat the system prompt and pair every question with every answer, which weights
     # the BPE merges so that each world word (and the prompt's words) ends up a single piece.
     # Characters outside the world (most digits, other letters) fall back to bytes.
-    texts = [VICUNA_SYSTEM, "USER:", "ASSISTANT:", SHORT_ANSWER_SUFFIX.strip()]
+    texts = [vicuna.system, f"{user}:", f"{assistant}:", SHORT_ANSWER_SUFFIX.strip()]
     return texts + questions + answers + captions + dialogues
 
 
@@ -362,56 +359,6 @@ def build_dataset(
     _write_json(paths["clip_pairs"], clip_pairs)
     paths["tokenizer"] = train_tokenizer(world_texts(), out_dir / "tokenizer", vocab_size)
     return paths
-
-
-# --------------------------------------------------------------------------- scoring
-
-
-def _normalize(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-_DIGIT_WORDS = {"1": "one", "2": "two", "3": "three"}
-
-
-def score_answer(question_type: str, prediction: str, answer: str) -> bool:
-    """Exact match after lower-casing and dropping punctuation and extra whitespace
-    (for "describe" too: the whole caption must match). Counts also accept digits."""
-    pred, gold = _normalize(prediction), _normalize(answer)
-    if question_type == "count":
-        pred, gold = _DIGIT_WORDS.get(pred, pred), _DIGIT_WORDS.get(gold, gold)
-    return pred == gold
-
-
-def pope_label(text: str) -> str:
-    """LLaVA's POPE rule: "no" if the first sentence has the word "No", "no" or "not", else "yes"."""
-    first = text.split(".")[0].replace(",", "")
-    words = first.split()  # LLaVA splits on " " only; any whitespace also catches "No\n"
-    return "no" if {"No", "no", "not"} & set(words) else "yes"
-
-
-def pope_f1(preds: list[str], golds: list[str]) -> dict[str, float]:
-    """POPE metrics with "yes" as the positive class. preds are model texts (mapped with
-    pope_label); golds are "yes"/"no" in any case."""
-    if len(preds) != len(golds):
-        raise ValueError(f"{len(preds)} predictions for {len(golds)} labels")
-    p = [pope_label(x) == "yes" for x in preds]
-    g = [x.strip().lower() == "yes" for x in golds]
-    tp = sum(a and b for a, b in zip(p, g))
-    fp = sum(a and not b for a, b in zip(p, g))
-    tn = sum(not a and not b for a, b in zip(p, g))
-    fn = sum(not a and b for a, b in zip(p, g))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    n = len(p)
-    return {
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "accuracy": (tp + tn) / n if n else 0.0,
-        "yes_ratio": sum(p) / n if n else 0.0,
-    }
 
 
 # --------------------------------------------------------------------------- entry point

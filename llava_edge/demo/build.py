@@ -21,14 +21,14 @@ import torch
 from ..config import TextConfig
 from ..export.bundle import write_manifest
 from ..export.pipeline import ExportOptions, export_bundle
+from ..paths import DEMO_BUNDLE, DEMO_CHECKPOINT
 from ..reference.checkpoint import load_checkpoint, save_liuhaotian
-from .clip_attributes import AttributeClipConfig, train_attribute_clip
-from .evaluate import evaluate, format_table, write_predictions
-from .recipe import TrainConfig, train
-from .shapes import build_dataset
+from ..scoring import format_table, write_predictions
+from ..train.clip_attributes import AttributeClipConfig, train_attribute_clip
+from ..train.evaluate import evaluate
+from ..train.recipe import TrainConfig, train
+from ..train.shapes import build_dataset
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo" / "checkpoint"
-BUNDLE_ASSETS = ASSETS.parent / "bundle"  # what `llava-edge chat` uses when no --bundle is given
 TARGET_OVERALL, TARGET_PER_TYPE = 0.9, 0.8  # held-out accuracy the demo is meant to reach
 
 
@@ -152,7 +152,7 @@ def build_demo(cfg: DemoConfig) -> dict:
     return report
 
 
-def install(out: Path, report: dict, checkpoint_dir: Path = ASSETS, bundle_dir: Path = BUNDLE_ASSETS) -> None:
+def install(out: Path, report: dict, checkpoint_dir: Path = DEMO_CHECKPOINT, bundle_dir: Path = DEMO_BUNDLE) -> None:
     """Copy the build's fp16 checkpoint, its bundle and a trimmed report into the package."""
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     shutil.copytree(out / "checkpoint", checkpoint_dir)

@@ -1,0 +1,211 @@
+"""The package's import graph, read statically (ast): no circles, and every arrow points the way DESIGN.md's
+layout draws it. Imports inside functions count as much as those at the top: a lazy import still runs.
+
+    leaves (top-level modules)  -> leaves only
+    reference/                  -> leaves
+    train/                      -> reference, leaves
+    quant/                      -> leaves (helpers that export calls; never export)
+    export/                     -> reference, quant, runtime (parity is measured through it), leaves
+    runtime/                    -> leaves; no torch, nothing the runtime-only install lacks
+    server/                     -> runtime, leaves; no torch
+    demo/                       -> train, export, reference, leaves
+    bench/, cli.py, chat.py     -> anything (the commands: chat.py is the chat command's REPL and printing)
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "llava_edge"
+
+MAY_IMPORT = {
+    "leaf": {"leaf"},
+    "reference": {"reference", "leaf"},
+    "train": {"train", "reference", "leaf"},
+    "quant": {"quant", "leaf"},
+    "export": {"export", "reference", "quant", "runtime", "leaf"},
+    "runtime": {"runtime", "leaf"},
+    "server": {"server", "runtime", "leaf"},
+    "demo": {"demo", "train", "export", "reference", "leaf"},
+    "bench": None,  # anything
+    "cli": None,
+}
+# What `pip install llava-edge` (no extras) does not have: the runtime, the leaves it reads and the server
+# must run without them.
+NOT_IN_RUNTIME_INSTALL = {"torch", "transformers", "safetensors", "sentencepiece", "onnx", "onnxscript", "gguf"}
+TORCH_FREE_LAYERS = {"leaf", "runtime", "server"}
+COMMAND_MODULES = {"cli", "chat"}  # top-level modules that are not leaves
+
+
+def module_name(path: Path, root: Path = PACKAGE) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, name: str) -> set[str]:
+    """Every module the file of module `name` imports (absolute names; `from pkg import x` counts as importing
+    pkg and, when x is a module, pkg.x)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return found
+
+
+def package_graph(root: Path = PACKAGE) -> dict[str, set[str]]:
+    """module -> the package's modules it imports (names that are not modules of the package are dropped,
+    except third-party top-level names, kept with a "ext:" prefix)."""
+    files = {module_name(p, root): p for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        edges = set()
+        for target in imports_of(path, name):
+            if target.split(".")[0] == root.name:
+                if target in files and target != name:
+                    edges.add(target)
+            elif target:
+                edges.add("ext:" + target.split(".")[0])
+        graph[name] = edges
+    return graph
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "leaf"  # the package itself
+    if len(parts) == 2 and parts[1] in COMMAND_MODULES:
+        return "cli"
+    if len(parts) == 2 and parts[1] not in MAY_IMPORT:
+        return "leaf"
+    return parts[1]
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One circle per strongly connected group of modules (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def wrong_arrows(graph: dict[str, set[str]]) -> list[str]:
+    problems = []
+    for module, targets in sorted(graph.items()):
+        layer = layer_of(module)
+        allowed = MAY_IMPORT[layer]
+        for target in sorted(targets):
+            if target.startswith("ext:"):
+                if layer in TORCH_FREE_LAYERS and target[4:] in NOT_IN_RUNTIME_INSTALL:
+                    problems.append(f"{module} imports {target[4:]} ({layer} must run without it)")
+            elif allowed is not None and layer_of(target) not in allowed:
+                problems.append(f"{module} ({layer}) imports {target} ({layer_of(target)})")
+    return problems
+
+
+def test_the_package_has_no_import_circles():
+    assert cycles(package_graph()) == []
+
+
+def test_every_import_points_the_way_the_layout_allows():
+    assert wrong_arrows(package_graph()) == []
+
+
+def test_runtime_reaches_only_leaves_and_runtime():
+    graph = package_graph()
+    seen, todo = set(), [m for m in graph if layer_of(m) == "runtime"]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(t for t in graph[m] if not t.startswith("ext:"))
+    assert {layer_of(m) for m in seen} <= {"runtime", "leaf"}
+
+
+# ----------------------------------------------------------------------------- the checks themselves
+
+
+def _package(tmp_path: Path, files: dict[str, str]) -> Path:
+    root = tmp_path / "llava_edge"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+BASE = {
+    "__init__.py": "",
+    "errors.py": "",
+    "runtime/__init__.py": "",
+    "runtime/loader.py": "from .probe import verdict\n",
+    "runtime/probe.py": "import os\n",
+    "quant/__init__.py": "",
+    "quant/gguf.py": "from ..errors import UserError\n",
+    "export/__init__.py": "",
+    "export/onnx_vision.py": "from ..quant.gguf import x\nimport torch\n",
+    "train/__init__.py": "",
+    "train/shapes.py": "",
+}
+
+
+def test_a_clean_graph_passes(tmp_path):
+    graph = package_graph(_package(tmp_path, BASE))
+    assert cycles(graph) == [] and wrong_arrows(graph) == []
+
+
+@pytest.mark.parametrize("rel, line, expected", [
+    ("runtime/probe.py", "def child():\n    from .loader import construct\n", "circle"),
+    ("runtime/probe.py", "from ..quant.gguf import quantize\n", "llava_edge.runtime.probe (runtime) imports llava_edge.quant.gguf"),
+    ("runtime/probe.py", "from ..train import shapes\n", "llava_edge.runtime.probe (runtime) imports llava_edge.train.shapes"),
+    ("runtime/probe.py", "import torch\n", "llava_edge.runtime.probe imports torch"),
+    ("errors.py", "from transformers import AutoConfig\n", "llava_edge.errors imports transformers"),
+    ("quant/gguf.py", "from ..export import onnx_vision\n", "llava_edge.quant.gguf (quant) imports llava_edge.export.onnx_vision"),
+])
+def test_each_rule_fails_when_broken(tmp_path, rel, line, expected):
+    files = dict(BASE)
+    files[rel] += line
+    graph = package_graph(_package(tmp_path, files))
+    if expected == "circle":
+        assert cycles(graph) == [["llava_edge.runtime.loader", "llava_edge.runtime.probe"]]
+    else:
+        assert any(p.startswith(expected) for p in wrong_arrows(graph)), wrong_arrows(graph)
