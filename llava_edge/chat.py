@@ -4,14 +4,62 @@ No torch: this is what a laptop user runs."""
 from __future__ import annotations
 
 import json
+import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from .errors import UserError
+from .line_input import line_reader
+from .runtime.bundle import DEMO_DOMAIN, Bundle, cache_dir
 from .runtime.sampling import SamplingConfig
 from .runtime.session import ChatSession
 
-HELP = "commands: /image PATH (new conversation about another image), /reset (forget the questions), /quit"
+HELP = ("commands: /image PATH (a new conversation about another image; quotes and ~ work), /reset (forget the "
+        "questions, keep the image), /help, /quit. Keys: arrows edit and recall earlier lines, Ctrl-C clears the "
+        "line or stops an answer, Ctrl-D ends the chat.")
+DEMO_NOTE = ("llava-edge: note: this is the demo model, trained on a synthetic world of coloured circles, squares and "
+             "triangles (examples/*.png); it knows nothing else. For real images export a LLaVA-1.5 checkpoint "
+             "(llava-edge export --ckpt liuhaotian/llava-v1.5-7b --out llava-v1.5-7b-edge) and pass "
+             "--bundle llava-v1.5-7b-edge.")
+
+
+def demo_note(bundle: Bundle, print_it: bool = True) -> str | None:
+    """The one-line warning that the demo model answers (from the manifest's domain); printed on stderr."""
+    note = DEMO_NOTE if bundle.domain == DEMO_DOMAIN else None
+    if note and print_it:
+        print(note, file=sys.stderr)
+    return note
+
+
+def context_length(bundle: Bundle, n_ctx: int | None) -> int | None:
+    """--n-ctx checked against the model: too small for the image is refused, past the trained context is cut
+    to it with a note on stderr (llama.cpp would run on, past the positions the model ever saw)."""
+    if n_ctx is None:
+        return None
+    images = bundle.vision.n_image_tokens
+    if n_ctx <= images:
+        raise UserError(f"--n-ctx {n_ctx} is too small: the image alone takes {images} positions")
+    if n_ctx > bundle.n_ctx_train:
+        print(f"llava-edge: note: --n-ctx {n_ctx} is more than the model was trained on; using {bundle.n_ctx_train}",
+              file=sys.stderr)
+        return bundle.n_ctx_train
+    return n_ctx
+
+
+def image_argument(text: str) -> Path:
+    """The path after /image as a terminal pastes it: quoted ('a b.png', "a b.png"), backslash-escaped, a
+    file:// URI, or with ~."""
+    text = text.strip()
+    try:
+        parts = shlex.split(text)
+    except ValueError:  # an unbalanced quote: take the text as it is
+        parts = [text]
+    path = parts[0] if len(parts) == 1 else text
+    if path.startswith("file://"):
+        path = unquote(urlparse(path).path)
+    return Path(path).expanduser()
 
 
 def answer_once(session: ChatSession, image: Path, prompt: str, sampling: SamplingConfig, as_json: bool) -> None:
@@ -26,14 +74,22 @@ def answer_once(session: ChatSession, image: Path, prompt: str, sampling: Sampli
         print(answer.text)
 
 
-def repl(session: ChatSession, image: Path, sampling: SamplingConfig) -> None:
-    """Read questions until /quit or end of input. Ctrl-C stops the answer being written, not the chat."""
+def repl(session: ChatSession, image: Path, sampling: SamplingConfig, note: str | None = None,
+         read_line: Callable[[str], str] | None = None) -> None:
+    """Read questions until /quit or Ctrl-D. Ctrl-C clears the line at the prompt and stops an answer being
+    written, never the chat."""
     session.set_image(image)
-    print(f"llava-edge chat about {image} — {HELP}", file=sys.stderr)
+    print(f"llava-edge chat about {image} — /help lists the commands, /quit or Ctrl-D ends", file=sys.stderr)
+    if note:
+        print(note, file=sys.stderr)
+    read_line = read_line or line_reader(cache_dir() / "chat-history")
     while True:
         try:
-            line = input("USER: ")
-        except (EOFError, KeyboardInterrupt):  # end of input, or Ctrl-C at the prompt: leave
+            line = read_line("USER: ")
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: the line is dropped, ask again
+            print(file=sys.stderr)
+            continue
+        except EOFError:  # Ctrl-D or the end of piped input
             print(file=sys.stderr)
             return
         line = line.strip()
@@ -64,11 +120,17 @@ def command(session: ChatSession, line: str) -> bool:
         session.reset()
         print("(conversation cleared; same image)", file=sys.stderr)
     elif name == "/image" and arg.strip():
+        path = image_argument(arg)
         try:
-            session.set_image(Path(arg.strip()).expanduser())
-            print(f"(new conversation about {arg.strip()})", file=sys.stderr)
+            session.set_image(path)
+            print(f"(new conversation about {path})", file=sys.stderr)
         except UserError as e:
             print(f"llava-edge: {e}", file=sys.stderr)
-    else:
+        except KeyboardInterrupt:  # Ctrl-C while the image loads: the conversation stays as it was
+            print("(stopped; the conversation is still about the previous image)", file=sys.stderr)
+    elif name == "/help":
         print(HELP, file=sys.stderr)
+    else:
+        print(f"unknown command {name}" + (" (it needs a path)" if name == "/image" else "") + f"; {HELP}",
+              file=sys.stderr)
     return True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -63,26 +64,67 @@ def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Im
         stream.close()
 
 
+def max_file_bytes() -> int | None:
+    """The largest image file read: the decoded-pixel limit at 8 bytes a pixel (16-bit RGBA, uncompressed) plus
+    16 MiB of headers and metadata. None when Pillow's pixel limit is switched off."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else int(limit) * 8 + (16 << 20)
+
+
 def read_image_source(source: str | os.PathLike | bytes, name: str | None = None) -> tuple[str, bytes]:
-    """(name for messages, the file's bytes), with one-line errors for what is not a readable file."""
+    """(name for messages, the file's bytes), with one-line errors for what is not a readable file.
+
+    Only regular files are read (a FIFO or /dev/zero would block or never end), and never more than
+    max_file_bytes(): the size is checked before reading, and the read itself is bounded.
+    """
+    limit = max_file_bytes()
     if isinstance(source, (bytes, bytearray, memoryview)):
         name = name or "<image bytes>"
         if len(source) == 0:
             raise ImageError(f"{name}: image data is empty (0 bytes)")
+        if limit is not None and len(source) > limit:
+            raise ImageError(f"{name}: image data is too large ({len(source)} bytes, limit {limit} bytes)")
         return name, bytes(source)
     path = Path(source)
     name = str(path)
-    if not path.exists():
-        raise ImageError(f"{name}: image file not found")
-    if path.is_dir():
-        raise ImageError(f"{name}: is a directory, not an image file")
     try:
-        data = path.read_bytes()
+        st = path.stat()
+    except FileNotFoundError:
+        raise ImageError(f"{name}: image file not found") from None
     except PermissionError:
         raise ImageError(f"{name}: image file is not readable (permission denied)") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read the image file ({_one_line(e)})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{name}: is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{name}: is a {_file_kind(st.st_mode)}, not an image file")
+    if limit is not None and st.st_size > limit:
+        raise ImageError(f"{name}: file is too large for an image ({st.st_size} bytes, limit {limit} bytes)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1) if limit is not None else f.read()
+    except PermissionError:
+        raise ImageError(f"{name}: image file is not readable (permission denied)") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read the image file ({_one_line(e)})") from None
+    if limit is not None and len(data) > limit:  # the file grew while it was read
+        raise ImageError(f"{name}: file is too large for an image (more than {limit} bytes)")
     if not data:
         raise ImageError(f"{name}: image file is empty (0 bytes)")
     return name, data
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "named pipe (FIFO)"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"
 
 
 def _check_pixel_count(img: Image.Image, name: str) -> None:

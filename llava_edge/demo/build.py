@@ -22,6 +22,7 @@ from ..config import TextConfig
 from ..export.bundle import write_manifest
 from ..export.pipeline import ExportOptions, export_bundle
 from ..paths import DEMO_BUNDLE, DEMO_CHECKPOINT
+from ..runtime.bundle import DEMO_DOMAIN
 from ..reference.checkpoint import load_checkpoint, save_liuhaotian
 from ..scoring import format_table, write_predictions
 from ..train.clip_attributes import AttributeClipConfig, train_attribute_clip
@@ -164,5 +165,6 @@ def install(out: Path, report: dict, checkpoint_dir: Path = DEMO_CHECKPOINT, bun
     # the bundle, so the shipped manifest holds no path of the machine that built it.
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     manifest["source"]["path"] = os.path.relpath(checkpoint_dir, bundle_dir)
+    manifest["domain"] = DEMO_DOMAIN  # `chat` says so when this bundle answers
     write_manifest(bundle_dir, manifest)
     print(f"[demo] installed the checkpoint in {checkpoint_dir} and its bundle in {bundle_dir}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -32,6 +33,7 @@ def staged_dir(target: Path, overwrite: bool = False):
     for stale in target.parent.glob(f"{TEMP_PREFIX}{target.name}-*"):
         shutil.rmtree(stale, ignore_errors=True)  # left by an export that was killed outright
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the bundle dir should be like any dir the user makes
     try:
         yield tmp
         if target.exists():
@@ -40,6 +42,12 @@ def staged_dir(target: Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def write_manifest(bundle_dir: Path, manifest: dict) -> Path:

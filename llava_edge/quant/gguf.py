@@ -16,6 +16,7 @@ from pathlib import Path
 import llama_cpp
 
 from ..errors import UserError
+from ..quiet import GGML_LOG_ERROR, FallbackTally, restore_llama_log
 
 QUANT_FTYPES = {
     "Q4_K_M": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
@@ -26,7 +27,6 @@ QUANT_FTYPES = {
     "F32": llama_cpp.LLAMA_FTYPE_ALL_F32,
 }
 DEFAULT_QUANT = "Q4_K_M"
-_GGML_LOG_LEVEL_ERROR = 3
 _TENSOR_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")  # llama.cpp logs "[  12/ 201] blk.1.attn_q.weight ..."
 
 
@@ -55,8 +55,10 @@ def quantize_gguf(
     params.nthread = n_threads if n_threads else max(1, os.cpu_count() or 1)
     tmp = dst.with_name(dst.name + ".tmp")
     start = time.perf_counter()
-    with _quantizer_log(f"quantize {name}" if progress else None):
+    with _quantizer_log(f"quantize {name}" if progress else None) as log:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if progress and log.fallbacks.line(name):
+        print(log.fallbacks.line(name), file=sys.stderr)
     if rc != 0:
         tmp.unlink(missing_ok=True)
         raise UserError(f"{src}: llama.cpp could not quantize it to {name} (code {rc})")
@@ -69,16 +71,17 @@ def quantize_gguf(
 
 class _quantizer_log:
     """While the quantizer runs: its per-tensor log lines feed a progress bar (or nothing), its errors
-    go to stderr. llama-cpp-python installs its own log callback at import; it is put back afterwards.
+    go to stderr. The process's log callback (llava_edge.quiet's or llama-cpp-python's) is put back afterwards.
     """
 
     def __init__(self, desc: str | None):
-        self.desc, self.bar = desc, None
+        self.desc, self.bar, self.fallbacks = desc, None, FallbackTally()
 
     def __enter__(self):
         @llama_cpp.llama_log_callback
         def on_log(level, text, user_data):
-            if level == _GGML_LOG_LEVEL_ERROR:
+            self.fallbacks.note(text)
+            if level == GGML_LOG_ERROR:
                 print((text or b"").decode("utf-8", "replace"), end="", file=sys.stderr)
             m = _TENSOR_LINE.search(text or b"")
             if m and self.desc is not None:
@@ -94,9 +97,7 @@ class _quantizer_log:
         return self
 
     def __exit__(self, *exc):
-        from llama_cpp._logger import llama_log_callback
-
-        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+        restore_llama_log()
         if self.bar is not None:
             self.bar.close()
         return False

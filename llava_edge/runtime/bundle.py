@@ -14,8 +14,10 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..paths import DEMO_BUNDLE, cache_dir  # noqa: F401  (DEMO_BUNDLE: the runtime's default bundle)
+from .manifest_schema import validate_manifest
 
 FORMAT_VERSION = 1
+DEMO_DOMAIN = "shapes-demo"  # manifest "domain" of the demo bundle: a model of the synthetic shapes world only
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -70,12 +72,11 @@ def read_manifest(bundle_dir: Path, verify: bool = True) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        version = manifest.get("format_version") if isinstance(manifest, dict) else None
-        raise UserError(f"{path}: format_version {version!r}, this llava-edge reads {FORMAT_VERSION}")
-    for role in ("vision", "decoder"):
-        if role not in manifest.get("files", {}):
-            raise UserError(f"{path}: no {role!r} file listed")
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: the manifest must be a JSON object")
+    if type(manifest.get("format_version")) is not int or manifest["format_version"] != FORMAT_VERSION:
+        raise UserError(f"{path}: format_version {manifest.get('format_version')!r}, this llava-edge reads {FORMAT_VERSION}")
+    validate_manifest(manifest, str(path))
     verified = _VerifiedFiles() if verify else None
     for role, entry in manifest["files"].items():
         f = bundle_dir / entry["name"]
@@ -113,32 +114,22 @@ class Bundle:
     bos_id: int
     eos_id: int
     template: str
+    domain: str | None = None  # what the model knows, when the bundle says ("shapes-demo": the demo's synthetic world)
 
 
 def open_bundle(bundle_dir: str | os.PathLike, verify: bool = True) -> Bundle:
     bundle_dir = Path(bundle_dir)
     m = read_manifest(bundle_dir, verify)
-    where = bundle_dir / "manifest.json"
-    try:
-        v, d, files = m["vision"], m["decoder"], m["files"]
-        vision = VisionSpec(
-            precision=str(v["precision"]), image_size=int(v["image_size"]), patch_size=int(v["patch_size"]),
-            n_image_tokens=int(v["n_image_tokens"]), mean=tuple(float(x) for x in v["mean"]),
-            std=tuple(float(x) for x in v["std"]), aspect=str(v["aspect"]),
-        )
-        bundle = Bundle(
-            path=bundle_dir, manifest=m,
-            vision_file=bundle_dir / files["vision"]["name"], decoder_file=bundle_dir / files["decoder"]["name"],
-            mmproj_file=bundle_dir / files["mmproj"]["name"] if "mmproj" in files else None,
-            vision=vision, n_embd=int(d["n_embd"]), n_ctx_train=int(d["n_ctx_train"]), quant=str(d["quant"]),
-            bos_id=int(d["bos_id"]), eos_id=int(d["eos_id"]), template=str(m["template"]),
-        )
-    except KeyError as e:
-        raise UserError(f"{where}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: malformed field ({e})") from None
-    if len(vision.mean) != 3 or len(vision.std) != 3 or min(vision.std) <= 0:
-        raise UserError(f"{where}: vision mean/std must be 3 numbers each, std > 0")
-    if vision.image_size < 1 or vision.n_image_tokens < 1 or bundle.n_embd < 1:
-        raise UserError(f"{where}: image_size, n_image_tokens and n_embd must be positive")
-    return bundle
+    v, d, files = m["vision"], m["decoder"], m["files"]
+    vision = VisionSpec(
+        precision=v["precision"], image_size=v["image_size"], patch_size=v["patch_size"],
+        n_image_tokens=v["n_image_tokens"], mean=tuple(float(x) for x in v["mean"]),
+        std=tuple(float(x) for x in v["std"]), aspect=v["aspect"],
+    )
+    return Bundle(
+        path=bundle_dir, manifest=m,
+        vision_file=bundle_dir / files["vision"]["name"], decoder_file=bundle_dir / files["decoder"]["name"],
+        mmproj_file=bundle_dir / files["mmproj"]["name"] if "mmproj" in files else None,
+        vision=vision, n_embd=d["n_embd"], n_ctx_train=d["n_ctx_train"], quant=d["quant"],
+        bos_id=d["bos_id"], eos_id=d["eos_id"], template=m["template"], domain=m.get("domain"),
+    )

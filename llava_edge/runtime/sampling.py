@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +21,23 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()  # extra strings that end the answer (the template's own stops always apply)
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise UserError(f"max tokens must be at least 1 (got {self.max_tokens})")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise UserError(f"temperature must be >= 0 and top-p in (0, 1] (got {self.temperature}, {self.top_p})")
+        # Checked here, before any native call: a NaN temperature or a negative seed must be one line, not a crash.
+        if not _is_integer(self.max_tokens) or self.max_tokens < 1:
+            raise UserError(f"max tokens must be an integer >= 1 (got {self.max_tokens!r})")
+        if not _is_number(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise UserError(f"temperature must be a finite number >= 0 (got {self.temperature!r})")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise UserError(f"top-p must be in (0, 1] (got {self.top_p!r})")
+        if self.seed is not None and (not _is_integer(self.seed) or self.seed < 0):
+            raise UserError(f"seed must be an integer >= 0 (got {self.seed!r})")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_integer(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def sample_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:

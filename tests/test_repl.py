@@ -1,0 +1,218 @@
+"""The interactive chat on a real terminal: `llava-edge chat` under a pseudo-terminal, keys sent as a user types
+them. Line editing and history (kept across sessions in the cache dir), Ctrl-C clears the line, /image with
+a quoted path and with ~, /help, Ctrl-D ends the chat."""
+
+import os
+import re
+import select
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+GREEN = ROOT / "examples" / "green_triangle.png"
+TWO = ROOT / "examples" / "red_circle_blue_triangle.png"
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
+PROMPT_READY = b"\x1b[?2004h"  # prompt_toolkit turns bracketed paste on as each prompt starts reading keys
+UP = b"\x1b[A"
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+
+
+class Terminal:
+    """One `llava-edge chat` process on a pty; `expect` waits for text in the output with escape codes removed."""
+
+    def __init__(self, args: list[str], env: dict[str, str]):
+        import pty
+
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: becomes llava-edge
+            os.chdir(ROOT)
+            os.execve(sys.executable, [sys.executable, "-m", "llava_edge.cli", *args], env)
+        self.seen = b""
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def text(self) -> str:
+        return ANSI.sub(b"", self.seen).decode("utf-8", "replace")
+
+    def prompt(self, count: int, timeout: float = 60) -> None:
+        """Wait for the count-th prompt to be reading keys (what is typed before that is not an edit)."""
+        self._wait(lambda: self.seen.count(PROMPT_READY) >= count, f"prompt #{count}", timeout)
+
+    def expect(self, needle: str, count: int = 1, timeout: float = 60) -> None:
+        self._wait(lambda: self.text().count(needle) >= count, f"{needle!r} x{count}", timeout)
+
+    def _wait(self, done, what: str, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while not done():
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, end - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"{what} not seen; the terminal shows:\n{self.text()[-3000:]}")
+            try:
+                self.seen += os.read(self.fd, 65536)
+            except OSError:  # the process ended
+                raise AssertionError(f"ended before {what}; the terminal shows:\n{self.text()[-3000:]}") from None
+
+    def wait(self, timeout: float = 30) -> int:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:  # drain, so the child never blocks on a full pty
+                if select.select([self.fd], [], [], 0.1)[0]:
+                    self.seen += os.read(self.fd, 65536)
+            except OSError:
+                pass
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+        os.kill(self.pid, 9)
+        os.waitpid(self.pid, 0)
+        raise AssertionError(f"did not end; the terminal shows:\n{self.text()[-3000:]}")
+
+
+@pytest.fixture
+def term_env(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAVA_EDGE_CACHE", "XDG_CACHE_HOME")}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(tmp_path / "xdg"), TERM="xterm", COLUMNS="200", LINES="50",
+               PROMPT_TOOLKIT_NO_CPR="1")  # no cursor-position request: nothing here would answer it
+    return env
+
+
+def test_terminal_chat_keys_history_and_commands(term_env, tmp_path):
+    spaced = tmp_path / "my pictures" / "two shapes.png"
+    spaced.parent.mkdir()
+    shutil.copy(TWO, spaced)
+    shutil.copy(GREEN, Path(term_env["HOME"]) / "green.png")
+
+    t = Terminal(["chat", str(GREEN), "--threads", "1"], term_env)
+    t.prompt(1)
+    t.send(b"Describe the image.\r")
+    t.expect("ASSISTANT: A green triangle.")
+    t.prompt(2)
+    t.send(b"half a question")
+    t.expect("half a question")
+    t.send(b"\x03")  # Ctrl-C at the prompt: the line goes, the chat stays
+    t.prompt(3)
+    t.send(UP + b"\r")  # the previous question again, from the history
+    t.expect("ASSISTANT: A green triangle.", count=2)
+    t.prompt(4)
+    t.send(f"/image '{spaced}'\r".encode())  # what a terminal pastes for a dragged-in file
+    t.expect("(new conversation about")
+    t.prompt(5)
+    t.send(b"Describe the image.\r")
+    t.expect("ASSISTANT: A red circle and a blue triangle.")
+    t.prompt(6)
+    t.send(b"/image ~/green.png\r")
+    t.expect("green.png)")
+    t.prompt(7)
+    t.send(b"/help\r")
+    t.expect("/quit")
+    t.prompt(8)
+    t.send(b"\x04")  # Ctrl-D ends the chat
+    assert t.wait() == 0
+    assert "[stopped]" not in t.text()  # the Ctrl-C met the prompt, not an answer
+    assert "demo model" in t.text()  # the demo says once what it is
+
+    history = (tmp_path / "xdg" / "llava-edge" / "chat-history").read_text()
+    assert "Describe the image." in history and "half a question" not in history
+
+    # A new session: the up arrow brings back the last line of the one before.
+    t = Terminal(["chat", str(GREEN), "--threads", "1"], term_env)
+    t.prompt(1)
+    t.send(UP)
+    t.expect("/help", count=2)  # once in the banner, once recalled
+    t.send(b"\x15/quit\r")  # Ctrl-U clears the recalled line first
+    assert t.wait() == 0
+
+
+def test_history_goes_where_llava_edge_cache_says(term_env, tmp_path):
+    term_env["LLAVA_EDGE_CACHE"] = str(tmp_path / "own-cache")
+    t = Terminal(["chat", str(GREEN), "--threads", "1"], term_env)
+    t.prompt(1)
+    t.send(b"/reset\r")
+    t.expect("(conversation cleared")
+    t.prompt(2)
+    t.send(b"/quit\r")
+    assert t.wait() == 0
+    assert "/reset" in (tmp_path / "own-cache" / "chat-history").read_text()
+
+
+# --------------------------------------------------------------------------- the REPL's parts, in process
+
+
+@pytest.mark.parametrize("typed, path", [
+    ("'/tmp/my pics/a b.png'", "/tmp/my pics/a b.png"),
+    ('"/tmp/my pics/a b.png"', "/tmp/my pics/a b.png"),
+    (r"/tmp/my\ pics/a\ b.png", "/tmp/my pics/a b.png"),
+    ("file:///tmp/my%20pics/a%20b.png", "/tmp/my pics/a b.png"),
+    ("  /tmp/plain.png  ", "/tmp/plain.png"),
+    ("/tmp/unquoted with spaces.png", "/tmp/unquoted with spaces.png"),
+    ("'/tmp/unbalanced.png", "'/tmp/unbalanced.png"),
+])
+def test_image_argument(typed, path):
+    from llava_edge.chat import image_argument
+
+    assert image_argument(typed) == Path(path)
+
+
+def test_image_argument_expands_the_home_dir(monkeypatch, tmp_path):
+    from llava_edge.chat import image_argument
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert image_argument("'~/a b.png'") == tmp_path / "a b.png"
+
+
+def test_ctrl_c_while_an_image_loads_keeps_the_chat(capsys):
+    from llava_edge import chat as chat_module
+
+    class Session:
+        def __init__(self):
+            self.images, self.asked = [], []
+
+        def set_image(self, image):
+            self.images.append(image)
+            if len(self.images) == 2:
+                raise KeyboardInterrupt
+
+        def ask(self, question, sampling):
+            self.asked.append(question)
+            yield "answer"
+
+    def read_line(prompt, lines=iter(["/image other.png", "still here?", "/quit"])):
+        return next(lines)
+
+    session = Session()
+    chat_module.repl(session, GREEN, None, read_line=read_line)
+    assert session.asked == ["still here?"]
+    assert "still about the previous image" in capsys.readouterr().err
+
+
+def test_ctrl_c_at_the_prompt_asks_again_and_ctrl_d_ends(capsys):
+    from llava_edge import chat as chat_module
+
+    events = iter([KeyboardInterrupt, "question", EOFError])
+
+    def read_line(prompt):
+        event = next(events)
+        if isinstance(event, type) and issubclass(event, BaseException):
+            raise event
+        return event
+
+    class Session:
+        asked = []
+
+        def set_image(self, image):
+            pass
+
+        def ask(self, question, sampling):
+            self.asked.append(question)
+            yield "answer"
+
+    chat_module.repl(Session(), GREEN, None, read_line=read_line)
+    assert Session.asked == ["question"]
