@@ -10,8 +10,36 @@ from typing import Optional
 import typer
 
 from .errors import UserError
+from .extras import require_heavy
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+# rich_markup_mode=None: typer 0.29's rich help panel prints every option's type, flags included (`--json <bool>`,
+# even `--help <bool>`), though a flag takes no value; its plain formatter leaves the type off flags.
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from . import __version__
+
+        try:
+            typer.echo(f"llava-edge {version('llava-edge')}")
+        except PackageNotFoundError:  # run from a source tree that pip never installed
+            typer.echo(f"llava-edge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
+):
+    """Run LLaVA-1.5 on edge devices: export a checkpoint to an edge bundle, chat with it, serve it, bench it."""
+
+
+def _check_threads(threads: Optional[int]) -> None:
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1 (got {threads})")
 
 
 @app.command()
@@ -21,6 +49,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Format, dimensions, image size, image tokens, parameter counts and vocab of a checkpoint."""
+    require_heavy("info", ("export",))
     from .reference.info import checkpoint_info, format_info
 
     summary = checkpoint_info(ckpt, vision_tower)
@@ -39,7 +68,12 @@ def export(
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime / llama.cpp"),
 ):
     """Checkpoint -> edge bundle: vision ONNX + 4-bit GGUF decoder + manifest with measured parity."""
+    _check_threads(threads)
+    require_heavy("export", ("export",))
     from .export.pipeline import ExportOptions, export_bundle
+    from .quiet import quiet_third_party
+
+    quiet_third_party()
 
     manifest = export_bundle(ExportOptions(ckpt, out, quant, vision_precision, vision_tower, mmproj, overwrite, threads))
     p = manifest["parity"]
@@ -53,30 +87,34 @@ def chat(
     bundle: Optional[Path] = typer.Option(None, help="edge bundle dir (default: the demo bundle in the package)"),
     prompt: Optional[str] = typer.Option(None, help="one question, one answer on stdout; without it, interactive chat"),
     max_tokens: int = typer.Option(256, help="most tokens per answer"),
-    temperature: Optional[float] = typer.Option(None, help="0 = greedy (default with --prompt; 0.2 interactive)"),
+    temperature: float = typer.Option(0.0, help="0 = greedy and deterministic; > 0 samples"),
     top_p: float = typer.Option(1.0, help="nucleus sampling (with temperature > 0)"),
     seed: Optional[int] = typer.Option(None, help="sampling seed"),
     as_json: bool = typer.Option(False, "--json", help="with --prompt: one JSON object with the answer and timings"),
     device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
-    n_ctx: Optional[int] = typer.Option(None, help="context length (default: the model's, at most 4096)"),
+    n_ctx: Optional[int] = typer.Option(None, help="context length (default: the model's, at most 4096; more is cut "
+                                                  "to the model's trained context)"),
     cache_dir: Optional[Path] = typer.Option(None, help="keep image embeddings here too (.npy per image content)"),
 ):
     """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
-    from .chat import answer_once, repl
+    from .chat import answer_once, context_length, demo_note, repl
+    from .runtime.bundle import DEMO_BUNDLE, open_bundle
     from .runtime.sampling import SamplingConfig
     from .runtime.session import ChatSession
 
     if as_json and prompt is None:
         raise UserError("--json needs --prompt (the interactive chat prints text)")
-    if temperature is None:
-        temperature = 0.0 if prompt is not None else 0.2
+    _check_threads(threads)
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    manifest = open_bundle(bundle or DEMO_BUNDLE, verify=False)  # the files are verified by the session
+    n_ctx = context_length(manifest, n_ctx)
     session = ChatSession.open(bundle, device=device, threads=threads, n_ctx=n_ctx, cache_dir=cache_dir)
     if prompt is not None:
         answer_once(session, image, prompt, sampling, as_json)
+        demo_note(manifest)
     else:
-        repl(session, image, sampling)
+        repl(session, image, sampling, note=demo_note(manifest, print_it=False))
 
 
 @app.command()
@@ -136,6 +174,7 @@ def train(
     seed: int = typer.Option(42),
 ):
     """Train with LLaVA-1.5's recipe (run under torchrun for several processes)."""
+    require_heavy("train", ("train",))
     from .train.recipe import TrainConfig
     from .train.recipe import train as run_training
 
@@ -161,6 +200,9 @@ def eval_(
 
     if (ckpt is None) == (bundle is None):
         raise UserError("pass exactly one of --ckpt (reference model) or --bundle (edge runtime)")
+    _check_threads(threads)
+    if ckpt is not None:
+        require_heavy("eval --ckpt", ("train",))
     if bundle is not None:
         from .runtime.evaluate import evaluate_bundle
 
@@ -177,9 +219,15 @@ def eval_(
 @app.command()
 def build_demo(
     out_dir: str = typer.Option("runs/demo", help="work dir: data, parts, stages, report"),
-    install: bool = typer.Option(True, help="copy the fp16 checkpoint into the package's assets"),
+    install: bool = typer.Option(False, help="also replace the demo model installed in the package (its checkpoint "
+                                             "and bundle) with the new build"),
 ):
-    """Rebuild the demo model from nothing on CPU (shapes world, CLIP tower, LM, stage 1, stage 2, eval)."""
+    """Rebuild the demo model from nothing on CPU (shapes world, CLIP tower, LM, stage 1, stage 2, eval), about
+    40 minutes on 2 cores. The result stays in --out-dir; the installed demo changes only with --install."""
+    require_heavy("build-demo", ("train", "export"))
+    from .quiet import quiet_third_party
+
+    quiet_third_party()
     from .demo.build import DemoConfig, build_demo as run
 
     run(DemoConfig(out_dir=out_dir, install=install))
@@ -199,6 +247,9 @@ def bench(
 ):
     """Latency and memory of llava-edge vs llama.cpp's own LLaVA path on this device, with a report."""
     import os
+
+    _check_threads(threads)
+    require_heavy("bench", ("bench",))
 
     from .bench.harness import BenchConfig, run_bench
 
