@@ -24,7 +24,7 @@ from tiny_checkpoints import save_full_clip, save_hf_layout, save_liuhaotian_lay
 
 from llava_edge.conversation import TEMPLATES, render_prompt
 from llava_edge.errors import UserError
-from llava_edge.export.decoder_source import source_from_checkpoint
+from llava_edge.export.decoder_source import source_from_checkpoint, source_from_loaded
 from llava_edge.export.gguf_decoder import write_decoder_gguf
 from llava_edge.export.gguf_parity import (
     TOKENIZER_STRINGS,
@@ -74,7 +74,7 @@ def ggufs(ckpts):
         source = source_from_checkpoint(ckpts["liuhaotian"])
         out[f"liu-{ftype}"] = write_decoder_gguf(source, root / f"liu-{ftype}.gguf", ftype, progress=False)
     loaded = load_checkpoint(ckpts["llava-hf"])
-    out["hf-F32"] = write_decoder_gguf(loaded, root / "hf-F32.gguf", "F32", progress=False)
+    out["hf-F32"] = write_decoder_gguf(source_from_loaded(loaded), root / "hf-F32.gguf", "F32", progress=False)
     for quant in ("Q8_0", "Q4_K_M"):
         dst = root / f"liu-{quant}.gguf"
         out[f"liu-{quant}"] = quantize_gguf(out["liu-F16"], dst, quant, n_threads=1, progress=False)
@@ -201,7 +201,7 @@ def test_chunked_decode_matches_reference(ckpts, ggufs):
 
 
 def test_streamed_and_in_memory_exports_hold_the_same_tensors(ckpts, ggufs, tmp_path):
-    from_memory = write_decoder_gguf(load_checkpoint(ckpts["liuhaotian"]), tmp_path / "m.gguf", "F32", progress=False)
+    from_memory = write_decoder_gguf(source_from_loaded(load_checkpoint(ckpts["liuhaotian"])), tmp_path / "m.gguf", "F32", progress=False)
     streamed = {t.name: np.array(t.data) for t in GGUFReader(ggufs["liu-F32"]).tensors}
     loaded = {t.name: np.array(t.data) for t in GGUFReader(from_memory).tensors}
     assert streamed.keys() == loaded.keys() and len(streamed) == 2 + 9 * 2 + 1

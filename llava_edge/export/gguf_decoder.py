@@ -16,12 +16,7 @@ import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
 
 from ..errors import CheckpointError, UserError
-from .decoder_source import (
-    DecoderSource,
-    expected_shapes,
-    source_from_loaded,
-    source_from_model,
-)
+from .decoder_source import DecoderSource, expected_shapes
 from .gguf_vocab import read_sentencepiece_vocab, write_vocab
 
 ARCH = "llama"
@@ -58,20 +53,11 @@ def permute_for_norm_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_decoder_gguf(
-    source,
-    out_path: str | os.PathLike,
-    ftype: str = "F16",
-    text_cfg=None,
-    tokenizer_path=None,
-    template: str | None = None,
-    progress: bool = True,
-) -> Path:
-    """Write the decoder as GGUF. `source`: a DecoderSource, a LoadedCheckpoint, or the reference
-    `Llama` (`model.language`) together with text_cfg, tokenizer_path and template."""
+def write_decoder_gguf(source: DecoderSource, out_path: str | os.PathLike, ftype: str = "F16", progress: bool = True) -> Path:
+    """Write the decoder as GGUF. `source` says where each tensor comes from (decoder_source.py:
+    `source_from_checkpoint` streams from the files, `source_from_loaded` reads a model in memory)."""
     if ftype not in FTYPES:
         raise UserError(f"GGUF export writes {' or '.join(FTYPES)} (got {ftype!r}); quantize afterwards")
-    source = _as_source(source, text_cfg, tokenizer_path, template)
     text = source.text
     shapes = expected_shapes(text)
     missing = [n for n in shapes if n not in source.weights]
@@ -143,16 +129,6 @@ def _write_hparams(writer: GGUFWriter, source: DecoderSource, file_type: int) ->
     writer.add_vocab_size(t.vocab_size)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(GGML_QUANT_VERSION)
-
-
-def _as_source(source, text_cfg, tokenizer_path, template) -> DecoderSource:
-    if isinstance(source, DecoderSource):
-        return source
-    if hasattr(source, "model") and hasattr(source, "config"):  # a LoadedCheckpoint
-        return source_from_loaded(source)
-    if text_cfg is None or tokenizer_path is None:
-        raise TypeError("write_decoder_gguf(language_model, ...) needs text_cfg and tokenizer_path")
-    return source_from_model(source, text_cfg, Path(tokenizer_path), template)
 
 
 def _progress_bar(total: int, desc: str):

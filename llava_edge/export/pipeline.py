@@ -92,6 +92,7 @@ def write_bundle(loaded, tmp: Path, opts: ExportOptions, quant: str) -> dict:
 
     from ..quant.gguf import quantize_gguf
     from ..quant.onnx_vision import choose_precision
+    from .decoder_source import source_from_loaded
     from .gguf_decoder import write_decoder_gguf
     from .gguf_parity import decoder_parity, tokenizer_parity
     from .onnx_vision import export_vision_onnx, vision_parity
@@ -113,7 +114,8 @@ def write_bundle(loaded, tmp: Path, opts: ExportOptions, quant: str) -> dict:
 
     say(f"[export] decoder -> GGUF {quant}")
     base_ftype = "F32" if quant == "F32" else "F16"
-    base = write_decoder_gguf(loaded, tmp / f"decoder-{base_ftype}.gguf", base_ftype, progress=opts.progress)
+    decoder = source_from_loaded(loaded)
+    base = write_decoder_gguf(decoder, tmp / f"decoder-{base_ftype}.gguf", base_ftype, progress=opts.progress)
     decoder_path = tmp / f"decoder-{quant}.gguf"
     if quant != base_ftype:
         quantize_gguf(base, decoder_path, quant, n_threads=opts.threads, progress=opts.progress)

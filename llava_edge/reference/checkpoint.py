@@ -3,6 +3,10 @@
 Tensors are read one at a time (safetensors or memory-mapped torch zip files) straight into a model
 built on the meta device, so loading never holds two copies of the weights. `.bin` files are only
 ever opened with `torch.load(weights_only=True)`.
+
+Over 400 lines on purpose: reading and writing both layouts are one set of facts (key names, config keys,
+where the CLIP tower and tokenizer live); the savers below are the exact inverses of the key maps above,
+and keeping them side by side is what keeps the two directions in step.
 """
 
 from __future__ import annotations

@@ -13,32 +13,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import TextConfig
 from ..errors import UserError
+from ..llava_json import load_llava_json
 from ..reference.checkpoint import assemble_llava, save_liuhaotian, save_llama, save_projector
 from ..reference.llama import Llama
 from ..reference.llava import Llava, causal_lm_loss
-from ..llava_json import load_llava_json
 from .data import LlavaDataset, collate, modality_length_grouped_batches
+from .distributed import Dist, all_mean, barrier, init_distributed, maybe_no_sync, unwrapped, wrap_distributed
 from .lora import add_lora, merge_lora
+from .run_state import load_state, save_state, trainable_weights
 from .schedule import cosine_lr
 
 STAGE_DEFAULTS = {
@@ -90,45 +82,6 @@ class TrainConfig:
         for key, value in STAGE_DEFAULTS[self.stage].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
-
-
-# ----------------------------------------------------------------------------- distributed setup
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `python` run is one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), world, local_rank, device)
-
-
-def all_mean(value: float, d: Dist) -> float:
-    if d.world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / d.world
 
 
 # ----------------------------------------------------------------------------- model
@@ -185,25 +138,11 @@ def build_model(cfg: TrainConfig):
 
 
 def param_groups(wrapped, lrs: dict[str, float]) -> list[dict]:
-    module = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
     groups: dict[float, list] = {}
-    for name, p in module.named_parameters():
+    for name, p in unwrapped(wrapped).named_parameters():
         if name in lrs:
             groups.setdefault(lrs[name], []).append(p)
     return [{"params": params, "lr": lr} for lr, params in groups.items()]
-
-
-def wrap_distributed(model, cfg: TrainConfig, d: Dist):
-    model.to(d.device)
-    if d.world == 1:
-        return model
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.language.layers:
-            fully_shard(layer)
-        return fully_shard(model)
-    return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
 # ----------------------------------------------------------------------------- data order
@@ -218,68 +157,6 @@ def epoch_batches(dataset: LlavaDataset, cfg: TrainConfig, world: int, epoch: in
     order = torch.randperm(len(dataset), generator=g).tolist()
     mb = cfg.micro_batch_size
     return [order[i : i + mb] for i in range(0, len(order) - mb + 1, mb)]
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_state(run_dir: Path, model, optimizer, step: int, d: Dist) -> None:
-    """Trainable weights + optimizer (torch.distributed.checkpoint: works for 1 process, DDP and FSDP),
-    step and per-rank RNG. Written to a temp dir and renamed, so a kill mid-save keeps the last one."""
-    final, tmp = run_dir / "last", run_dir / "last.tmp"
-    if d.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(d)
-    opts = StateDictOptions(ignore_frozen_params=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    with warnings.catch_warnings():  # dcp warns that a single process saves alone: intended
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}, tmp / f"rng_rank{d.rank}.pt")
-    barrier(d)
-    if d.main:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    barrier(d)
-
-
-def load_state(run_dir: Path, model, optimizer, d: Dist) -> int:
-    last = run_dir / "last"
-    if not (last / "trainer_state.json").exists():
-        return 0
-    opts = StateDictOptions(ignore_frozen_params=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=opts)
-    state = {"model": model_sd, "optim": optim_sd}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=str(last / "dcp"))
-    set_state_dict(
-        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-        options=StateDictOptions(ignore_frozen_params=True, strict=False),  # frozen weights come from their files
-    )
-    rng = torch.load(last / f"rng_rank{d.rank}.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((last / "trainer_state.json").read_text())["step"]
-
-
-def barrier(d: Dist) -> None:
-    if d.world > 1:
-        dist.barrier()
-
-
-def trainable_weights(wrapped) -> dict[str, torch.Tensor]:
-    """This rank's full copy of every trainable tensor (FSDP shards gathered: collective)."""
-    module = wrapped.module if isinstance(wrapped, DistributedDataParallel) else wrapped
-    out = {}
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            t = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[name] = t.detach().cpu().clone()
-    return out
 
 
 def full_state_model(wrapped, cfg: TrainConfig, llava_cfg, d: Dist):
@@ -303,22 +180,58 @@ def full_state_model(wrapped, cfg: TrainConfig, llava_cfg, d: Dist):
 # ----------------------------------------------------------------------------- training loop
 
 
+@dataclass
+class Run:
+    """What the steps of one training run share."""
+
+    cfg: TrainConfig
+    d: Dist
+    run_dir: Path
+    dataset: LlavaDataset
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]  # per parameter group, before the schedule
+    params: list[torch.nn.Parameter]
+    accum: int  # micro-batches per optimizer step and process
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    use_bf16: bool
+
+
 def train(cfg: TrainConfig) -> dict:
     d = init_distributed()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    run_dir = out / "run"
+    run_dir = open_run_dir(cfg, out / "run", d)
+    model, llava_cfg, tokenizer_path, lrs = build_model(cfg)
+    if cfg.gradient_checkpointing:
+        model.language.gradient_checkpointing = True
+    run = prepare_run(cfg, d, run_dir, model, lrs, make_dataset(cfg, llava_cfg, tokenizer_path))
+    start = load_state(run_dir, run.wrapped, run.optimizer, d) if cfg.resume else 0
+    step, history, stopped = run_steps(run, start)
+    if stopped:
+        return {"stopped_at": step, "history": history}
+    trainable = trainable_weights(run.wrapped)
+    plain = full_state_model(run.wrapped, cfg, llava_cfg, d)
+    if d.main:
+        save_output(cfg, plain, llava_cfg, tokenizer_path, out)
+    barrier(d)
+    return {"steps": step, "history": history, "output_dir": str(out), "model": plain, "trainable": trainable}
+
+
+def open_run_dir(cfg: TrainConfig, run_dir: Path, d: Dist) -> Path:
+    """run/ with the config written into it; refuses to start over a run that --resume should continue."""
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     if not cfg.resume and (run_dir / "last").exists():
         raise UserError(f"{run_dir / 'last'} exists: pass --resume to continue that run, or pick a new --output-dir")
+    return run_dir
 
-    model, llava_cfg, tokenizer_path, lrs = build_model(cfg)
-    if cfg.gradient_checkpointing:
-        model.language.gradient_checkpointing = True
-    dataset = make_dataset(cfg, llava_cfg, tokenizer_path)
 
+def prepare_run(cfg: TrainConfig, d: Dist, run_dir: Path, model, lrs: dict[str, float], dataset: LlavaDataset) -> Run:
+    """The step plan (accumulation, steps, warmup), the wrapped model and its optimizer."""
     accum = cfg.global_batch_size // (cfg.micro_batch_size * d.world)
     if accum < 1 or accum * cfg.micro_batch_size * d.world != cfg.global_batch_size:
         raise UserError(
@@ -327,92 +240,95 @@ def train(cfg: TrainConfig) -> dict:
     batches_per_epoch = len(epoch_batches(dataset, cfg, d.world, 0)) // d.world
     steps_per_epoch = batches_per_epoch // accum
     total_steps = max(1, math.floor(steps_per_epoch * cfg.epochs))
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-
     model.train()
-    wrapped = wrap_distributed(model, cfg, d)
+    wrapped = wrap_distributed(model, cfg.fsdp, d)
     groups = param_groups(wrapped, lrs)
-    params = [p for g in groups for p in g["params"]]
-    base_lrs = [g["lr"] for g in groups]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    start = load_state(run_dir, wrapped, optimizer, d) if cfg.resume else 0
     use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and d.device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return Run(
+        cfg, d, run_dir, dataset, wrapped, optimizer, base_lrs=[g["lr"] for g in groups],
+        params=[p for g in groups for p in g["params"]], accum=accum, steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, warmup=math.ceil(cfg.warmup_ratio * total_steps), use_bf16=use_bf16,
+    )
 
+
+def run_steps(run: Run, start: int) -> tuple[int, list[dict], bool]:
+    """Optimizer steps from `start` to the end (or cfg.stop_after_steps), saving the state as configured and on
+    Ctrl-C. Returns the step reached, each step's record, and whether it stopped at stop_after_steps."""
+    cfg, d = run.cfg, run.d
     bar = None
     if cfg.progress and d.main:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
-    metrics_path = run_dir / "metrics.jsonl"
+        bar = tqdm(total=run.total_steps, initial=start, desc=cfg.stage, unit="step", dynamic_ncols=True)
     history = []
     step = start
     try:
-        while step < total_steps:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            order = epoch_batches(dataset, cfg, d.world, epoch)
-            first = in_epoch * accum * d.world
-            micro = order[first : first + accum * d.world][d.rank :: d.world]
-            t0 = time.perf_counter()
-            lr_scale = cosine_lr(step, total_steps, warmup)
-            for g, base_lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = base_lr * lr_scale
-            loss_sum, n_samples = 0.0, 0
-            for i, indices in enumerate(micro):
-                batch = collate([dataset[j] for j in indices], pad_id=0)
-                sync = i == len(micro) - 1
-                with maybe_no_sync(wrapped, sync, d, cfg):
-                    with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        _, loss = wrapped(
-                            batch["input_ids"].to(d.device),
-                            pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(d.device),
-                            labels=batch["labels"].to(d.device),
-                            attn_2d=batch["attention_mask"].to(d.device),
-                        )
-                    (loss / accum).backward()
-                loss_sum += loss.item()
-                n_samples += len(indices)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        while step < run.total_steps:
+            record = optimizer_step(run, step)
             step += 1
-            loss_avg = all_mean(loss_sum / len(micro), d)
-            rate = n_samples * d.world / (time.perf_counter() - t0)
-            record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": loss_avg,
-                      "lr": optimizer.param_groups[0]["lr"], "samples_per_s": round(rate, 2)}
             history.append(record)
             if d.main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{record['lr']:.2e}", sps=f"{rate:.1f}")
-            if step % cfg.save_every == 0 or step == total_steps or step == cfg.stop_after_steps:
-                save_state(run_dir, wrapped, optimizer, step, d)
+                log_step(run.run_dir / "metrics.jsonl", record, bar)
+            if step % cfg.save_every == 0 or step == run.total_steps or step == cfg.stop_after_steps:
+                save_state(run.run_dir, run.wrapped, run.optimizer, step, d)
             if step == cfg.stop_after_steps:
-                return {"stopped_at": step, "history": history}
+                return step, history, True
     except KeyboardInterrupt:
         if step > start:
-            save_state(run_dir, wrapped, optimizer, step, d)
-        raise UserError(f"interrupted at step {step}; continue with --resume (state in {run_dir / 'last'})") from None
+            save_state(run.run_dir, run.wrapped, run.optimizer, step, d)
+        raise UserError(f"interrupted at step {step}; continue with --resume (state in {run.run_dir / 'last'})") from None
     finally:
         if bar is not None:
             bar.close()
-
-    trainable = trainable_weights(wrapped)
-    plain = full_state_model(wrapped, cfg, llava_cfg, d)
-    if d.main:
-        save_output(cfg, plain, llava_cfg, tokenizer_path, out)
-    barrier(d)
-    return {"steps": step, "history": history, "output_dir": str(out), "model": plain, "trainable": trainable}
+    return step, history, False
 
 
-def maybe_no_sync(wrapped, sync: bool, d: Dist, cfg: TrainConfig):
-    """Skip DDP's gradient all-reduce on accumulation micro-steps (FSDP2 reduces every backward)."""
-    import contextlib
+def optimizer_step(run: Run, step: int) -> dict:
+    """Optimizer step number step + 1: this process's micro-batches of it, accumulated, clipped, applied."""
+    cfg, d = run.cfg, run.d
+    epoch, in_epoch = divmod(step, run.steps_per_epoch)
+    order = epoch_batches(run.dataset, cfg, d.world, epoch)
+    first = in_epoch * run.accum * d.world
+    micro = order[first : first + run.accum * d.world][d.rank :: d.world]
+    t0 = time.perf_counter()
+    lr_scale = cosine_lr(step, run.total_steps, run.warmup)
+    for g, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
+        g["lr"] = base_lr * lr_scale
+    loss_sum, n_samples = 0.0, 0
+    for i, indices in enumerate(micro):
+        loss_sum += micro_step(run, collate([run.dataset[j] for j in indices], pad_id=0), sync=i == len(micro) - 1)
+        n_samples += len(indices)
+    torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_avg = all_mean(loss_sum / len(micro), d)
+    rate = n_samples * d.world / (time.perf_counter() - t0)
+    return {"step": step + 1, "epoch": round((step + 1) / run.steps_per_epoch, 4), "loss": loss_avg,
+            "lr": run.optimizer.param_groups[0]["lr"], "samples_per_s": round(rate, 2)}
 
-    if d.world > 1 and not sync and isinstance(wrapped, DistributedDataParallel):
-        return wrapped.no_sync()
-    return contextlib.nullcontext()
+
+def micro_step(run: Run, batch: dict, sync: bool) -> float:
+    """Forward and backward of one micro-batch (its loss scaled for accumulation); returns the loss."""
+    device = run.d.device
+    with maybe_no_sync(run.wrapped, sync, run.d):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.use_bf16):
+            _, loss = run.wrapped(
+                batch["input_ids"].to(device),
+                pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(device),
+                labels=batch["labels"].to(device),
+                attn_2d=batch["attention_mask"].to(device),
+            )
+        (loss / run.accum).backward()
+    return loss.item()
+
+
+def log_step(metrics_path: Path, record: dict, bar) -> None:
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", sps=f"{record['samples_per_s']:.1f}")
 
 
 def make_dataset(cfg: TrainConfig, llava_cfg, tokenizer_path: Path) -> LlavaDataset:
