@@ -19,19 +19,32 @@ ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 PROMPT_READY = b"\x1b[?2004h"  # prompt_toolkit turns bracketed paste on as each prompt starts reading keys
 UP = b"\x1b[A"
 
+HIDE_PROMPT_TOOLKIT = """
+import importlib.machinery, sys
+class WithoutPromptToolkit(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.partition(".")[0] == "prompt_toolkit" else super().find_spec(name, path, target)
+sys.meta_path = [WithoutPromptToolkit if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+from llava_edge.cli import main
+main()
+"""
+
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 
 
 class Terminal:
     """One `llava-edge chat` process on a pty; `expect` waits for text in the output with escape codes removed."""
 
-    def __init__(self, args: list[str], env: dict[str, str]):
+    def __init__(self, args: list[str], env: dict[str, str], without_prompt_toolkit: bool = False):
         import pty
 
+        self.ready = b"USER: " if without_prompt_toolkit else PROMPT_READY  # readline prints the prompt once
+        command = ["-c", HIDE_PROMPT_TOOLKIT] if without_prompt_toolkit else ["-m", "llava_edge.cli"]
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: becomes llava-edge
             os.chdir(ROOT)
-            os.execve(sys.executable, [sys.executable, "-m", "llava_edge.cli", *args], env)
+            os.execve(sys.executable, [sys.executable, *command, *args], env)
         self.seen = b""
 
     def send(self, data: bytes) -> None:
@@ -42,7 +55,7 @@ class Terminal:
 
     def prompt(self, count: int, timeout: float = 60) -> None:
         """Wait for the count-th prompt to be reading keys (what is typed before that is not an edit)."""
-        self._wait(lambda: self.seen.count(PROMPT_READY) >= count, f"prompt #{count}", timeout)
+        self._wait(lambda: self.seen.count(self.ready) >= count, f"prompt #{count}", timeout)
 
     def expect(self, needle: str, count: int = 1, timeout: float = 60) -> None:
         self._wait(lambda: self.text().count(needle) >= count, f"{needle!r} x{count}", timeout)
@@ -129,6 +142,31 @@ def test_terminal_chat_keys_history_and_commands(term_env, tmp_path):
     t.expect("/help", count=2)  # once in the banner, once recalled
     t.send(b"\x15/quit\r")  # Ctrl-U clears the recalled line first
     assert t.wait() == 0
+
+
+def test_readline_does_the_same_without_prompt_toolkit(term_env, tmp_path):
+    pytest.importorskip("readline")
+    for session in (1, 2):  # the second session recalls the first one's question
+        t = Terminal(["chat", str(GREEN), "--threads", "1"], term_env, without_prompt_toolkit=True)
+        t.prompt(1)
+        if session == 1:
+            t.send(b"Describe the image.\r")
+        else:
+            t.send(UP + b"\r")
+        t.expect("ASSISTANT: A green triangle.")
+        t.prompt(2)
+        t.send(b"half a question")
+        t.expect("half a question")
+        t.send(b"\x03")
+        t.prompt(3)
+        t.send(UP + b"\r")
+        t.expect("ASSISTANT: A green triangle.", count=2)
+        t.prompt(4)
+        t.send(b"\x04")
+        assert t.wait() == 0
+        assert "[stopped]" not in t.text()
+    history = (tmp_path / "xdg" / "llava-edge" / "chat-history").read_text().split("\n")
+    assert history.count("Describe the image.") == 4 and "half a question" not in history
 
 
 def test_history_goes_where_llava_edge_cache_says(term_env, tmp_path):
