@@ -79,6 +79,9 @@ def export(
     p = manifest["parity"]
     typer.echo(f"wrote {out}: vision {manifest['vision']['precision']} (cosine {p['vision']['cosine_min']:.6f}), "
                f"decoder {manifest['decoder']['quant']}")
+    from .peak_memory import format_peaks
+
+    typer.echo(format_peaks(manifest["export"]))
 
 
 @app.command()

@@ -3,6 +3,9 @@
 `decoder_parity` feeds the same sequence to both: text positions as token ids (llama.cpp looks them up
 in the GGUF's own embedding table), image positions as the reference's projected image embeddings
 (through `runtime.decoder.Decoder.eval_embeddings`), and compares the logits at every position.
+The reference runs streamed (`reference.streamed`: one decoder layer at a time in fp32, from the weights
+as loaded, memory-mapped), so a 7B decoder is measured with about a gigabyte of its own memory, and the
+comparison runs over blocks of positions (float64 over the whole [T, vocab] would be gigabytes too).
 `tokenizer_parity` compares llama.cpp's tokenizer on the GGUF with SentencePiece on tokenizer.model.
 """
 
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..reference.streamed import streamed_reference_logits
 from ..runtime.decoder import Decoder
 from ..runtime.llama_loader import open_llama
 
@@ -47,21 +51,23 @@ def split_at_images(input_ids: Sequence[int], image_token_id: int) -> list[list[
     return [p for p in parts if p != []]
 
 
-@torch.no_grad()
 def reference_logits(model, input_ids: Sequence[int], image_embeds: list[torch.Tensor]) -> np.ndarray:
-    ids = torch.tensor([list(input_ids)], dtype=torch.long)
-    mm = model.embed(ids, image_embeds or None)
-    return model.language(mm.inputs_embeds)[0].float().numpy()
+    """The reference's fp32 logits [T, V] for one sequence, streamed layer by layer."""
+    return streamed_reference_logits(model, input_ids, image_embeds).numpy()
 
 
 def gguf_logits(
     gguf_path: str | os.PathLike, input_ids: Sequence[int], image_embeds: list[np.ndarray], image_token_id: int,
-    n_batch: int = 512, f32_kv: bool = True, n_threads: int | None = None,
+    n_batch: int = 512, f32_kv: bool = True, n_threads: int | None = None, extra_bufts: bool = False,
 ) -> np.ndarray:
+    """llama.cpp's logits at every position. extra_bufts False (plain CPU buffers) keeps the weights
+    memory-mapped: the repacked layouts (AMX, Q4_0/Q4_K x8) copy the matrices they take into anonymous
+    memory, most of the GGUF, for kernels that compute the same quantized products in another order."""
     parts = split_at_images(input_ids, image_token_id)
     n_positions = sum(len(p) if isinstance(p, list) else len(image_embeds[p]) for p in parts)
     llm = open_llama(
-        gguf_path, n_ctx=n_positions, n_batch=n_batch, n_threads=n_threads, f32_kv=f32_kv, logits_all=True
+        gguf_path, n_ctx=n_positions, n_batch=n_batch, n_threads=n_threads, f32_kv=f32_kv, logits_all=True,
+        extra_bufts=extra_bufts,
     )
     decoder = Decoder(llm)
     try:
@@ -79,23 +85,32 @@ def gguf_logits(
 NEAR_TIE = 0.1  # logits: a reference top-1 this close to its top-2 may flip under any rounding
 
 
+COMPARE_ROWS = 64  # positions compared at a time (float64 [rows, vocab] temporaries)
+
+
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """Argmax agreement per position, max |Δlogit|, mean KL(reference ‖ candidate) in nats."""
-    ref = reference.astype(np.float64)
-    cand = candidate.astype(np.float64)
-    agree = ref.argmax(-1) == cand.argmax(-1)
-    top2 = np.sort(ref, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] >= NEAR_TIE  # positions where the reference is not split between two tokens
-    log_p = ref - _logsumexp(ref)
-    log_q = cand - _logsumexp(cand)
-    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    if reference.shape != candidate.shape:
+        raise ValueError(f"logits shapes differ: {reference.shape} vs {candidate.shape}")
+    agree, clear, kl, max_abs = [], [], [], 0.0
+    for start in range(0, len(reference), COMPARE_ROWS):
+        ref = reference[start: start + COMPARE_ROWS].astype(np.float64)
+        cand = candidate[start: start + COMPARE_ROWS].astype(np.float64)
+        agree.append(ref.argmax(-1) == cand.argmax(-1))
+        top2 = np.partition(ref, -2, axis=-1)[:, -2:]
+        clear.append(top2[:, 1] - top2[:, 0] >= NEAR_TIE)  # the reference is not split between two tokens
+        log_p = ref - _logsumexp(ref)
+        log_q = cand - _logsumexp(cand)
+        kl.append((np.exp(log_p) * (log_p - log_q)).sum(-1))
+        max_abs = max(max_abs, float(np.abs(ref - cand).max()))
+    agree, clear, kl = np.concatenate(agree), np.concatenate(clear), np.concatenate(kl)
     return {
         "n_positions": len(agree),
         "argmax_identical": bool(agree.all()),
         "top1_agreement": float(agree.mean()),
         "top1_agreement_clear": float(agree[clear].mean()) if clear.any() else 1.0,  # reference margin >= NEAR_TIE
         "mismatch_positions": [int(i) for i in np.flatnonzero(~agree)],
-        "max_abs_diff": float(np.abs(ref - cand).max()),
+        "max_abs_diff": max_abs,
         "mean_kl": float(kl.mean()),
     }
 

@@ -1,12 +1,15 @@
 """`llava-edge export`: checkpoint -> edge bundle (vision ONNX + decoder GGUF + manifest), measured.
 
-Every number in `manifest.parity` is measured here against the PyTorch reference on fixed inputs.
+Every number in `manifest.parity` is measured here against the PyTorch reference on fixed inputs; the
+decoder's reference runs one layer at a time in fp32 from the memory-mapped weights (reference/streamed.py),
+so it is measured at any size. `manifest.export` holds the export's own peak memory, anonymous and
+file-backed apart (peak_memory.py), and the vision tower is dropped once its outputs are taken.
 The bundle is written into a temp dir beside the target and renamed at the end (see bundle.py).
 """
 
 from __future__ import annotations
 
-import os
+import gc
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +20,13 @@ import torch
 from ..conversation import get_template, render_prompt, tokenize_prompt
 from ..errors import UserError
 from ..image import load_image, preprocess_batch
+from ..peak_memory import PeakMemory
 from ..reference.checkpoint import load_checkpoint, read_llava_config, resolve_checkpoint
 from ..paths import CALIBRATION_DIR
 from ..runtime.bundle import FORMAT_VERSION
 from .bundle import file_entry, staged_dir, write_manifest
 
 QUANTS = ("Q4_K_M", "Q4_0", "Q5_K_M", "Q8_0", "F16", "F32")
-# Decoder parity runs the reference in fp32 beside llama.cpp: skipped when that cannot fit in RAM.
-PARITY_RAM_FRACTION = 0.6
 
 
 @dataclass
@@ -65,10 +67,6 @@ def parity_sequence(cfg, sp, n_min: int = 64) -> list[int]:
     return ids
 
 
-def ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def export_bundle(opts: ExportOptions) -> dict:
     from ..quant.gguf import check_quant
 
@@ -79,15 +77,17 @@ def export_bundle(opts: ExportOptions) -> dict:
         from .mmproj import check_expressible
 
         check_expressible(read_llava_config(resolve_checkpoint(opts.ckpt), opts.vision_tower)[0])
-    loaded = load_checkpoint(opts.ckpt, vision_tower=opts.vision_tower)
-    if loaded.tokenizer_path is None:
-        raise UserError(f"{loaded.path}: no tokenizer.model (SentencePiece) in the checkpoint")
-    with staged_dir(Path(opts.out), overwrite=opts.overwrite) as tmp:
-        manifest = write_bundle(loaded, tmp, opts, quant)
+    with PeakMemory() as memory:
+        memory.step("load")
+        loaded = load_checkpoint(opts.ckpt, vision_tower=opts.vision_tower)
+        if loaded.tokenizer_path is None:
+            raise UserError(f"{loaded.path}: no tokenizer.model (SentencePiece) in the checkpoint")
+        with staged_dir(Path(opts.out), overwrite=opts.overwrite) as tmp:
+            manifest = write_bundle(loaded, tmp, opts, quant, memory)
     return manifest
 
 
-def write_bundle(loaded, tmp: Path, opts: ExportOptions, quant: str) -> dict:
+def write_bundle(loaded, tmp: Path, opts: ExportOptions, quant: str, memory: PeakMemory | None = None) -> dict:
     import sentencepiece as spm
 
     from ..quant.gguf import quantize_gguf
@@ -101,53 +101,64 @@ def write_bundle(loaded, tmp: Path, opts: ExportOptions, quant: str) -> dict:
     model.vision.float()
     model.projector.float()
     say = print if opts.progress else (lambda *a, **k: None)
+    memory = memory or PeakMemory()
 
     say("[export] vision tower + projector -> ONNX")
+    memory.step("vision_onnx")
     fp32_path = export_vision_onnx(model, tmp / "vision.fp32.onnx")
     calib = calibration_pixels(cfg)
+    memory.step("vision_precision")
     chosen = choose_precision(fp32_path, calib, model, opts.vision_precision, opts.threads)
     vision_path = tmp / "vision.onnx"
     _move_onnx(chosen.path, vision_path)
     if chosen.path != fp32_path:
         _remove_onnx(fp32_path)
     vision_check = vision_parity(vision_path, model, calib, opts.threads)
+    with torch.no_grad():
+        parity_image = model.encode_images(torch.from_numpy(calib[:1]))  # the decoder parity's image
+    extra_files = {}
+    if opts.mmproj:
+        from .mmproj import write_mmproj
+
+        say("[export] mmproj GGUF for llama.cpp interop")
+        extra_files["mmproj"] = file_entry(write_mmproj(model, cfg, tmp / "mmproj-f16.gguf", "f16"))
+    release_vision(model)
 
     say(f"[export] decoder -> GGUF {quant}")
+    memory.step("decoder_gguf")
     base_ftype = "F32" if quant == "F32" else "F16"
     decoder = source_from_loaded(loaded)
     base = write_decoder_gguf(decoder, tmp / f"decoder-{base_ftype}.gguf", base_ftype, progress=opts.progress)
     decoder_path = tmp / f"decoder-{quant}.gguf"
     if quant != base_ftype:
+        memory.step("quantize")
         quantize_gguf(base, decoder_path, quant, n_threads=opts.threads, progress=opts.progress)
         base.unlink()  # the F16 intermediate
-
-    files = {"vision": file_entry(vision_path), "decoder": file_entry(decoder_path)}
-    if opts.mmproj:
-        from .mmproj import write_mmproj
-
-        say("[export] mmproj GGUF for llama.cpp interop")
-        files["mmproj"] = file_entry(write_mmproj(model, cfg, tmp / "mmproj-f16.gguf", "f16"))
+    files = {"vision": file_entry(vision_path), "decoder": file_entry(decoder_path), **extra_files}
 
     say("[export] measuring parity against the reference")
+    memory.step("parity")
     sp = spm.SentencePieceProcessor(model_file=str(loaded.tokenizer_path))
     parity = {
         "vision": {"precision": chosen.precision, **vision_check},
         "tokenizer": tokenizer_parity(decoder_path, loaded.tokenizer_path),
     }
-    n_params = sum(p.numel() for p in model.language.parameters())
-    if n_params * 4 + decoder_path.stat().st_size < PARITY_RAM_FRACTION * ram_bytes():
-        model.language.float()
-        ids = parity_sequence(cfg, sp)
-        with torch.no_grad():
-            embeds = model.encode_images(torch.from_numpy(calib[:1]))
-        parity["decoder"] = decoder_parity(decoder_path, model, ids, image_embeds=embeds, n_threads=opts.threads)
-        parity["decoder"].pop("mismatch_positions", None)
-    else:
-        parity["decoder"] = {"skipped": f"the fp32 reference ({n_params * 4 / 1e9:.1f} GB) does not fit beside llama.cpp here"}
+    ids = parity_sequence(cfg, sp)
+    parity["decoder"] = decoder_parity(decoder_path, model, ids, image_embeds=parity_image, n_threads=opts.threads)
+    parity["decoder"].pop("mismatch_positions", None)
 
     manifest = build_manifest(loaded, opts, quant, files, chosen.precision, parity)
+    manifest["export"] = memory.result()
     write_manifest(tmp, manifest)
     return manifest
+
+
+def release_vision(model) -> None:
+    """Drop the vision tower and projector (fp32 copies when the checkpoint stores them in fp16): the
+    decoder steps that follow do not need them."""
+    model.vision.to("meta")
+    model.projector.to("meta")
+    gc.collect()
 
 
 def build_manifest(loaded, opts: ExportOptions, quant: str, files: dict, precision: str, parity: dict) -> dict:
