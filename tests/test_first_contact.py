@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hide_modules import cli_without
 
 from llava_edge.errors import UserError
 from llava_edge.image import max_file_bytes
@@ -104,17 +105,7 @@ def test_interactive_answers_are_greedy_by_default():
 
 # --------------------------------------------------------------------------- a runtime-only install
 
-HIDE_TORCH = """
-import importlib.machinery, sys
-HIDDEN = {"torch", "transformers"}
-class WithoutTorch(importlib.machinery.PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        return None if name.partition(".")[0] in HIDDEN else super().find_spec(name, path, target)
-sys.meta_path = [WithoutTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-from llava_edge.cli import main
-main()
-"""
+HIDE_TORCH = cli_without("torch", "transformers")
 
 
 def run_without_torch(*args):

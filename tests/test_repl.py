@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hide_modules import cli_without
 
 ROOT = Path(__file__).parents[1]
 GREEN = ROOT / "examples" / "green_triangle.png"
@@ -19,16 +20,7 @@ ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|\r")
 PROMPT_READY = b"\x1b[?2004h"  # prompt_toolkit turns bracketed paste on as each prompt starts reading keys
 UP = b"\x1b[A"
 
-HIDE_PROMPT_TOOLKIT = """
-import importlib.machinery, sys
-class WithoutPromptToolkit(importlib.machinery.PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        return None if name.partition(".")[0] == "prompt_toolkit" else super().find_spec(name, path, target)
-sys.meta_path = [WithoutPromptToolkit if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-from llava_edge.cli import main
-main()
-"""
+HIDE_PROMPT_TOOLKIT = cli_without("prompt_toolkit")
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
 
@@ -53,11 +45,11 @@ class Terminal:
     def text(self) -> str:
         return ANSI.sub(b"", self.seen).decode("utf-8", "replace")
 
-    def prompt(self, count: int, timeout: float = 60) -> None:
+    def prompt(self, count: int, timeout: float = 180) -> None:
         """Wait for the count-th prompt to be reading keys (what is typed before that is not an edit)."""
         self._wait(lambda: self.seen.count(self.ready) >= count, f"prompt #{count}", timeout)
 
-    def expect(self, needle: str, count: int = 1, timeout: float = 60) -> None:
+    def expect(self, needle: str, count: int = 1, timeout: float = 180) -> None:
         self._wait(lambda: self.text().count(needle) >= count, f"{needle!r} x{count}", timeout)
 
     def _wait(self, done, what: str, timeout: float) -> None:
@@ -71,7 +63,7 @@ class Terminal:
             except OSError:  # the process ended
                 raise AssertionError(f"ended before {what}; the terminal shows:\n{self.text()[-3000:]}") from None
 
-    def wait(self, timeout: float = 30) -> int:
+    def wait(self, timeout: float = 120) -> int:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             try:  # drain, so the child never blocks on a full pty
