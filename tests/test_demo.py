@@ -44,6 +44,7 @@ def test_demo_build_runs_end_to_end_in_miniature(tmp_path):
     install(tmp_path / "demo", again, assets / "checkpoint", assets / "bundle")
     manifest = json.loads((assets / "bundle" / "manifest.json").read_text())
     assert manifest["source"]["path"] == "../checkpoint"  # not the build's work dir
+    assert manifest["domain"] == "shapes-demo"  # chat's demo note reads it
     assert open_bundle(assets / "bundle").decoder_file.is_file()  # the hashes still verify
     assert load_checkpoint(assets / "checkpoint").config.text.hidden_size == 32
     assert json.loads((assets / "demo_report.json").read_text())["targets"]["met"] in (True, False)
