@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from llava_edge.bench import device, roofline
-from llava_edge.bench.harness import BenchConfig, ratios, run_bench
+from llava_edge.bench.harness import BenchConfig, ratios, round_order, run_bench
+from llava_edge.bench.measured_paths import summarize
 
 
 def test_demo_bench_writes_the_contract_report(tmp_path):
@@ -17,11 +18,18 @@ def test_demo_bench_writes_the_contract_report(tmp_path):
     stem = tmp_path / "reports" / report["device"]["id"]
     on_disk = json.loads(stem.with_suffix(".json").read_text())
     assert set(on_disk["ratios"]) == {"vision_vs_llamacpp", "second_turn_ttft_vs_handler", "decode_vs_llamacpp",
-                                      "peak_rss_vs_llamacpp"}
+                                      "peak_rss_vs_llamacpp", "kv_cache_ttft_vs_cold"}
     assert all(isinstance(v, float) and v > 0 for v in on_disk["ratios"].values())
     paths = on_disk["cases"]["demo"]["paths"]
     assert not [p for p, r in paths.items() if "error" in r], paths
-    assert paths["edge"]["second_turn_prefilled"] < paths["edge"]["n_prompt_tokens"] - 64  # image KV reused
+    assert paths["edge"]["second_turn_prefilled"]["median"] < paths["edge"]["n_prompt_tokens"]["median"] - 64  # image KV reused
+    assert paths["edge"]["n_prefilled"]["median"] == paths["edge"]["n_prompt_tokens"]["median"]  # every run starts cold
+    assert paths["edge_kv"]["kv_restored"] and paths["edge_kv"]["processes"] == 2  # a new process per run
+    assert paths["edge_kv"]["n_prefilled"]["median"] < paths["edge"]["n_prompt_tokens"]["median"] - 64
+    assert not paths["edge_kv_fill"]["kv_restored"]
+    assert all(r["interleaved_runs"] == 2 for p, r in paths.items() if p not in ("edge_kv", "edge_kv_fill"))
+    assert {p: r["n_ctx"] for p, r in paths.items() if "n_ctx" in r} == dict.fromkeys(("edge", "edge_kv", "handler", "plain", "edge_kv_fill"), 2048)
+    assert 0 < paths["edge"]["peak_rss_anon_mb"] < paths["edge"]["peak_rss_mb"]
     assert on_disk["fidelity"]["edge"] > 0.999
     assert 0 < on_disk["fidelity"]["llamacpp_mtmd_f16"] < 1
     assert stem.with_suffix(".png").stat().st_size > 10_000
@@ -34,9 +42,26 @@ def test_ratios_are_edge_over_baseline():
                       "decode_tokens_per_s": {"median": 90.0}, "peak_rss_mb": 500.0},
              "mtmd_vision": {"vision_ms": {"median": 10.0}}, "handler": {"second_turn_ttft_ms": {"median": 100.0}, "peak_rss_mb": 1000.0},
              "plain": {"decode_tokens_per_s": {"median": 100.0}}}
+    paths["edge"]["ttft_ms"] = {"median": 400.0}
+    paths["edge_kv"] = {"ttft_ms": {"median": 20.0}}
     assert ratios(paths) == pytest.approx({"vision_vs_llamacpp": 0.1, "second_turn_ttft_vs_handler": 0.02,
-                                           "decode_vs_llamacpp": 0.9, "peak_rss_vs_llamacpp": 0.5})
+                                           "decode_vs_llamacpp": 0.9, "peak_rss_vs_llamacpp": 0.5,
+                                           "kv_cache_ttft_vs_cold": 0.05})
     assert ratios({"edge": paths["edge"]})["vision_vs_llamacpp"] is None  # a failed baseline gives no ratio
+
+
+def test_rounds_rotate_the_order_of_the_paths():
+    names = ["edge", "handler", "plain"]
+    orders = [round_order(names, r) for r in range(4)]
+    assert orders == [names, ["handler", "plain", "edge"], ["plain", "edge", "handler"], names]
+    assert round_order([], 3) == []
+
+
+def test_summarize_takes_medians_of_numbers_only():
+    runs = [{"ttft_ms": 3.0, "kv_restored": True, "n": 5}, {"ttft_ms": 1.0, "kv_restored": True, "n": 5},
+            {"ttft_ms": 2.0, "kv_restored": True, "n": 5}]
+    s = summarize(runs)
+    assert s["ttft_ms"] == {"median": 2.0, "p90": 3.0, "n": 3} and s["kv_restored"] is True
 
 
 def test_child_peak_rss_is_its_own():

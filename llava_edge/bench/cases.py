@@ -9,6 +9,7 @@ llava7b  LLaVA-1.5-7B shapes with random weights (compute does not depend on the
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,30 +77,71 @@ def _vision_sha(bundle: Path) -> str:
 
 
 def _make_random_checkpoint(ckpt: Path, decoder_layers: int) -> None:
+    """A liuhaotian-layout checkpoint with random weights (the values do not change the compute; the scale keeps
+    it finite). The decoder is generated tensor by tensor straight into its safetensors file, so a 32-block
+    (13.5 GB) checkpoint needs one tensor of anonymous memory, not the whole model."""
     import torch
 
     from ..config import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
-    from ..reference.checkpoint import save_liuhaotian
+    from ..reference.checkpoint import liuhaotian_config_dict, projector_state_liuhaotian, save_clip_vision
     from ..reference.llava import Llava
 
-    torch.manual_seed(0)
     cfg = LlavaConfig(vision=VisionConfig(), projector=ProjectorConfig(type="mlp2x_gelu", in_features=1024, out_features=4096),
                       text=TextConfig(num_hidden_layers=decoder_layers), feature_layer=-2, select_feature="patch")
+    gen = torch.Generator().manual_seed(0)
     with torch.device("meta"):
         model = Llava(cfg)
-    model = model.to_empty(device="cpu").to(torch.float16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():  # weight values do not change the compute; scale keeps it finite
-            if p.ndim == 1:
-                p.fill_(1.0 if "norm" in name or "layernorm" in name else 0.0)
-            else:
-                p.normal_(0, 0.02)
+    for module in (model.vision, model.projector):  # small: made in memory
+        module.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                p.copy_(_random_values(name, p.shape, gen))
+    tensors = {"model." + k: v for k, v in model.language.state_dict().items() if not k.startswith("lm_head.")}
+    tensors["lm_head.weight"] = model.language.lm_head.weight
+    tensors.update(projector_state_liuhaotian(model))
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _write_random_safetensors(tmp / "model.safetensors", tensors, gen)
+    (tmp / "config.json").write_text(json.dumps(liuhaotian_config_dict(cfg, "clip"), indent=2))
+    save_clip_vision(model.vision, tmp / "clip", cfg.image_mean, cfg.image_std, torch.float16)
     # The demo's SentencePiece model; the GGUF vocab is padded to 32000 as llava-hf vocabularies are.
-    save_liuhaotian(model, tmp, DEMO_CHECKPOINT / "tokenizer.model", dtype=torch.float16)
+    shutil.copyfile(DEMO_CHECKPOINT / "tokenizer.model", tmp / "tokenizer.model")
     shutil.rmtree(ckpt, ignore_errors=True)
     tmp.rename(ckpt)
+
+
+def _random_values(name: str, shape, gen):
+    import torch
+
+    if len(shape) == 1:
+        return torch.full(shape, 1.0 if "norm" in name else 0.0)
+    return torch.empty(shape).normal_(0, 0.02, generator=gen)
+
+
+def _write_random_safetensors(path: Path, tensors: dict, gen) -> None:
+    """fp16 safetensors: 8-byte header length, JSON header, the tensors' bytes in order. Meta tensors get
+    random values (rows at a time), real ones are written as they are."""
+    import torch
+
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, t in tensors.items():
+        n = t.numel() * 2
+        header[name] = {"dtype": "F16", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, t in tensors.items():
+            if not t.is_meta:
+                f.write(t.detach().to(torch.float16).contiguous().numpy().tobytes())
+                continue
+            rows = max(1, (1 << 24) // max(1, t[0].numel())) if t.ndim > 1 else t.shape[0]
+            for r in range(0, t.shape[0], rows):
+                part = _random_values(name, (min(rows, t.shape[0] - r), *t.shape[1:]), gen)
+                f.write(part.to(torch.float16).numpy().tobytes())
 
 
 def _vision_variants(ckpt: Path, out: Path) -> dict[str, Path]:

@@ -1,10 +1,13 @@
 """`llava-edge bench` / `python -m bench`: every path of every case measured in one run on this device, then
-the per-device report (json + md + png). Each path runs in its own process (its own peak RSS)."""
+the per-device report (json + md + png). Each path runs in its own process (its own peak memory), and the
+paths' timed runs are interleaved (A B C, B C A, ...) so that a change in the machine's load cannot skew a
+ratio between paths."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from . import device, roofline
 from .cases import Case, demo_case, llava7b_case
+from .measured_paths import summarize
 from .report import write_reports
 
 TARGETS = {  # llava-edge / baseline, as the bench issue states them
@@ -20,7 +24,9 @@ TARGETS = {  # llava-edge / baseline, as the bench issue states them
     "second_turn_ttft_vs_handler": ("<=", 0.05),
     "decode_vs_llamacpp": (">=", 0.97),
     "peak_rss_vs_llamacpp": ("<=", 1.0),
+    "kv_cache_ttft_vs_cold": ("<=", 0.1),
 }
+N_CTX = 2048
 
 
 @dataclass
@@ -30,14 +36,14 @@ class BenchConfig:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     runs: int = 5
     n_decode: int = 32
-    quick: bool = False  # 1 decoder block, the bundle's vision graph only, no PyTorch path, one process per path
+    quick: bool = False  # 1 decoder block, the bundle's vision graph only, no PyTorch path
     shape: str = "small"  # llava7b decoder depth: "small" (2 blocks, 1 when quick) or "7b" (all 32)
     cases: tuple[str, ...] = ("demo", "llava7b")
     torch_baseline: bool = True
 
 
 def case_paths(case: Case, cfg: BenchConfig) -> list[str]:
-    paths = ["edge", "edge_vision", "mtmd_vision", "handler", "plain"]
+    paths = ["edge", "edge_kv", "edge_vision", "mtmd_vision", "handler", "plain"]
     return paths + (["torch"] if cfg.torch_baseline and not cfg.quick and _torch_fits(case) else [])
 
 
@@ -46,14 +52,144 @@ def _torch_fits(case: Case) -> bool:
     return weights * 2.5 < device.ram_bytes()  # fp16 files, fp32 in memory, plus headroom
 
 
-def run_path(name: str, spec: dict, timeout: float = 1800) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "llava_edge.bench.measured_paths", name, json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout)
-    lines = proc.stdout.strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(lines[-1])
+class Worker:
+    """One measured path in its own process (`measured_paths`), loaded and warmed up once, then driven one
+    timed run at a time. Its stderr (llama.cpp's logs) goes to a file, named in any error."""
+
+    def __init__(self, name: str, spec: dict, log_dir: Path):
+        from .measured_paths import MARK
+
+        self.name, self.mark = name, MARK
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_dir / f"{name}-{time.strftime('%H%M%S')}-{os.getpid()}-{id(self)}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "llava_edge.bench.measured_paths", name, json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True)
+        self.ready = self._receive()
+
+    def _receive(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(self.mark):
+                return json.loads(line[len(self.mark):])
+        self.proc.wait()
+        self._log.flush()
+        tail = [t for t in self.log_path.read_text(errors="replace").strip().splitlines() if t.strip()][-1:]
+        raise RuntimeError(f"{self.name} exited {self.proc.returncode}: {tail[0][:300] if tail else 'no output'} "
+                           f"(log: {self.log_path})")
+
+    def run(self) -> dict:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._receive()
+
+    def end(self) -> dict:
+        try:
+            self.proc.stdin.write("end\n")
+            self.proc.stdin.flush()
+            return self._receive()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def case_spec(case: Case, cfg: BenchConfig) -> dict:
+    return {"bundle": str(case.bundle), "checkpoint": str(case.checkpoint), "image": str(case.image),
+            "reference_embeds": str(case.reference_embeds),
+            "vision_graphs": {k: str(v) for k, v in case.vision_graphs.items()},
+            "threads": cfg.threads, "n_decode": cfg.n_decode,
+            "n_ctx": N_CTX}  # the same context (and KV cache size) on every llama.cpp path
+
+
+def measure_case(case: Case, cfg: BenchConfig, work: Path, progress) -> dict:
+    """Every path of a case, interleaved: all workers loaded and warmed up first, then round r runs each path
+    once, in an order rotated by r, so a change of the machine's load reaches every path alike."""
+    spec = case_spec(case, cfg)
+    logs = work / "logs"
+    kv_dir = work / f"kv-cache-{case.name}"
+    shutil.rmtree(kv_dir, ignore_errors=True)
+    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
+    workers: dict[str, Worker] = {}
+    names = case_paths(case, cfg)
+
+    def start(name: str, extra: dict | None = None) -> Worker | None:
+        try:
+            return Worker(name, {**spec, **(extra or {})}, logs)
+        except (RuntimeError, OSError) as e:
+            results[name] = {"error": str(e)}
+            return None
+
+    for name in names:
+        if name == "edge_kv":  # a process that prefills the image and saves its prefix state
+            filler = start("edge_kv", {"kv_cache_dir": str(kv_dir)})
+            if filler is not None:
+                results["edge_kv_fill"] = _finish(filler, [filler.run()])
+            progress.update(1)
+            continue
+        extra = {"n_prompt_tokens": workers["edge"].ready.get("n_prompt_tokens", 128)} if name == "plain" and "edge" in workers else {}
+        worker = start(name, extra)
+        if worker is not None:
+            workers[name] = worker
+            runs[name] = []
+        progress.update(1)
+    kv_ok = "edge_kv" in names and "error" not in results.get("edge_kv_fill", {"error": ""})
+    if kv_ok:
+        runs["edge_kv"], kv_ends = [], []
+    rotation = [n for n in names if n in workers or (n == "edge_kv" and kv_ok)]
+    for r in range(cfg.runs):
+        for name in round_order(rotation, r):
+            try:
+                if name == "edge_kv":  # a NEW process each time: what a later run of the program meets
+                    w = Worker("edge_kv", {**spec, "kv_cache_dir": str(kv_dir)}, logs)
+                    runs[name].append(w.run())
+                    kv_ends.append(w.end())
+                elif name in workers:
+                    runs[name].append(workers[name].run())
+            except (RuntimeError, OSError) as e:
+                results[name] = {"error": str(e)}
+                if name in workers:
+                    workers.pop(name).close()
+                if name == "edge_kv":
+                    kv_ok = False
+        progress.update(1)
+    for name, worker in workers.items():
+        if name not in results:
+            try:
+                results[name] = _finish(worker, runs[name])
+            except (RuntimeError, OSError) as e:
+                results[name] = {"error": str(e)}
+    if kv_ok and runs.get("edge_kv"):
+        results["edge_kv"] = {"n_ctx": kv_ends[-1].get("n_ctx"), **_peaks(kv_ends), **summarize(runs["edge_kv"]),
+                              "processes": len(kv_ends)}
+    ordered = {n: results[n] for n in [*names, "edge_kv_fill"] if n in results}
+    if "edge_vision" in ordered and "graphs" in ordered["edge_vision"]:
+        for precision, g in ordered["edge_vision"]["graphs"].items():
+            g["vision_ms"] = ordered["edge_vision"].pop(f"{precision}_vision_ms", None)
+    return ordered
+
+
+def round_order(names: list[str], r: int) -> list[str]:
+    """Round r's order: the paths rotated by r, so no path always runs right after the same one."""
+    k = r % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
+def _finish(worker: Worker, path_runs: list[dict]) -> dict:
+    end = worker.end()
+    return {**end, **summarize(path_runs), "interleaved_runs": len(path_runs)}
+
+
+def _peaks(ends: list[dict]) -> dict:
+    return {k: max(e.get(k, 0) for e in ends) for k in ("peak_rss_mb", "peak_rss_anon_mb", "peak_rss_file_mb")}
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -69,29 +205,17 @@ def run_bench(cfg: BenchConfig) -> dict:
         cases.append(demo_case(work / "demo") if name == "demo" else llava7b_case(work, layers, cfg.threads, not cfg.quick))
     ceilings = roofline.measure(cfg.threads, quick=cfg.quick)
 
-    # Decode speed varies by a few % from one process to the next (memory placement), more than between the
-    # two paths, so edge and plain get a second process each, run after the others, and their medians are pooled.
-    jobs = [(case, path) for case in cases for path in case_paths(case, cfg)]
-    if not cfg.quick:
-        jobs += [(case, path) for case in cases for path in ("edge", "plain")]
-    results: dict[str, dict] = {case.name: {"case": case.to_dict(), "paths": {}} for case in cases}
-    for case, path in tqdm(jobs, desc="bench", unit="path"):
-        spec = {"bundle": str(case.bundle), "checkpoint": str(case.checkpoint), "image": str(case.image),
-                "reference_embeds": str(case.reference_embeds),
-                "vision_graphs": {k: str(v) for k, v in case.vision_graphs.items()},
-                "threads": cfg.threads, "runs": cfg.runs, "n_decode": cfg.n_decode,
-                "n_ctx": 2048}  # the same context (and KV cache size) for every llama.cpp path
-        if path == "plain":  # as many prompt positions as the image prompt the edge path measured
-            spec["n_prompt_tokens"] = results[case.name]["paths"].get("edge", {}).get("n_prompt_tokens", 128)
-        done = results[case.name]["paths"]
-        if path in done:
-            pool_second_process(done[path], run_path(path, spec))
-        else:
-            done[path] = run_path(path, spec)
+    results: dict[str, dict] = {}
+    total = sum(len(case_paths(c, cfg)) + cfg.runs for c in cases)
+    with tqdm(total=total, desc="bench", unit="step") as progress:
+        for case in cases:
+            results[case.name] = {"case": case.to_dict(), "paths": measure_case(case, cfg, work, progress)}
 
     report = {
-        "device": info, "config": asdict(cfg), "roofline": ceilings, "cases": results,
+        "device": info, "config": asdict(cfg), "n_ctx": N_CTX, "roofline": ceilings, "cases": results,
         "seconds": round(time.time() - started, 1),
+        "method": "each path in its own process, loaded and warmed up once; timed runs interleaved round by "
+                  "round (order rotated each round); medians over the rounds",
     }
     for name, case in zip(results, cases):
         results[name]["ratios"] = ratios(results[name]["paths"])
@@ -104,15 +228,6 @@ def run_bench(cfg: BenchConfig) -> dict:
     report["targets"] = {k: {"op": op, "target": t} for k, (op, t) in TARGETS.items()}
     write_reports(report, Path(cfg.out_dir))
     return report
-
-
-def pool_second_process(first: dict, second: dict) -> None:
-    """Decode tokens/s of a path measured in two processes: the mean of their medians (p90: the higher one)."""
-    a, b = first.get("decode_tokens_per_s"), second.get("decode_tokens_per_s")
-    if "error" in first or "error" in second or not a or not b:
-        return
-    first["decode_tokens_per_s"] = {"median": (a["median"] + b["median"]) / 2, "p90": max(a["p90"], b["p90"]),
-                                    "n": a["n"] + b["n"], "process_medians": [a["median"], b["median"]]}
 
 
 def _median(paths: dict, path: str, metric: str) -> float | None:
@@ -130,6 +245,7 @@ def ratios(paths: dict) -> dict:
                                              _median(paths, "handler", "second_turn_ttft_ms")),
         "decode_vs_llamacpp": ratio(_median(paths, "edge", "decode_tokens_per_s"), _median(paths, "plain", "decode_tokens_per_s")),
         "peak_rss_vs_llamacpp": ratio(paths.get("edge", {}).get("peak_rss_mb"), paths.get("handler", {}).get("peak_rss_mb")),
+        "kv_cache_ttft_vs_cold": ratio(_median(paths, "edge_kv", "ttft_ms"), _median(paths, "edge", "ttft_ms")),
     }
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 LABELS = {
     "edge": "llava-edge (ONNX Runtime + llama.cpp)",
+    "edge_kv": "llava-edge, new process, image-prefix KV from disk",
+    "edge_kv_fill": "llava-edge, cold, saving the image-prefix KV (1 run)",
     "edge_vision": "llava-edge vision graphs alone",
     "mtmd_vision": "llama.cpp mtmd, f16 mmproj (vision only)",
     "handler": "llama-cpp-python Llava15ChatHandler",
@@ -38,6 +40,13 @@ def _cell(metric) -> str:
     return f"{metric:.1f}" if isinstance(metric, float) else str(metric)
 
 
+def _memory_cell(r: dict) -> str:
+    """VmHWM, and the sampled peaks of anonymous and file-backed (page cache of mapped files) memory."""
+    if "peak_rss_anon_mb" not in r:
+        return f"{r.get('peak_rss_mb', 0):.0f}"
+    return f"{r.get('peak_rss_mb', 0):.0f} ({r['peak_rss_anon_mb']:.0f} + {r['peak_rss_file_mb']:.0f})"
+
+
 def markdown(report: dict, png_name: str) -> str:
     d = report["device"]
     lines = [
@@ -46,7 +55,9 @@ def markdown(report: dict, png_name: str) -> str:
         f"{d['cores']} cores ({d['threads_used']} threads used), {d['ram_gb']} GB RAM, {d['os']} {d['machine']}"
         + (f", GPU: {', '.join(d['gpus'])}" if d["gpus"] else ", no GPU") + f"; {report['seconds']:.0f} s for the run.",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in d["versions"].items()) + ".",
-        f"Median / p90 over {report['config']['runs']} runs after a warm-up; {report['config']['n_decode']} decoded tokens per answer.",
+        f"Median / p90 over {report['config']['runs']} runs after a warm-up; {report['config']['n_decode']} decoded tokens per answer; "
+        f"n_ctx {report.get('n_ctx', '–')} on every llama.cpp path.",
+        "Each path runs in its own process; " + report.get("method", "paths measured one after another").split("; ", 1)[-1] + ".",
         "",
     ]
     for name, case in report["cases"].items():
@@ -54,7 +65,8 @@ def markdown(report: dict, png_name: str) -> str:
         lines += [f"## {name}: {c['description']}", "",
                   f"Bundle: vision {c['vision_precision']}, decoder {c['decoder_quant']}; files (MB): "
                   + ", ".join(f"{k} {v}" for k, v in c["files_mb"].items()) + ".", "",
-                  "| path | vision ms | TTFT ms | prefill tok/s | decode tok/s | 2nd-question TTFT ms | peak RSS MB | embedding cosine |",
+                  "| path | vision ms | TTFT ms | prefill tok/s | decode tok/s | 2nd-question TTFT ms | peak RSS MB "
+                  "(anon + file) | embedding cosine |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for path, r in case["paths"].items():
             if path == "edge_vision":
@@ -65,7 +77,7 @@ def markdown(report: dict, png_name: str) -> str:
             cos = r.get("embedding_cosine", {}).get("mean")
             lines.append(f"| {LABELS[path]} | {_cell(r.get('vision_ms'))} | {_cell(r.get('ttft_ms'))} | "
                          f"{_cell(r.get('prefill_tokens_per_s'))} | {_cell(r.get('decode_tokens_per_s'))} | "
-                         f"{_cell(r.get('second_turn_ttft_ms'))} | {r.get('peak_rss_mb', 0):.0f} | "
+                         f"{_cell(r.get('second_turn_ttft_ms'))} | {_memory_cell(r)} | "
                          f"{'–' if cos is None else f'{cos:.5f}'} |")
         graphs = case["paths"].get("edge_vision", {}).get("graphs", {})
         if graphs:
