@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from llava_edge.errors import UserError
-from llava_edge.runtime.engine import Engine, EngineBusy, EngineConfig, Message
+from llava_edge.runtime.engine import Engine, EngineBusy, EngineConfig
+from llava_edge.runtime.generation import Message
 from llava_edge.runtime.sampling import SamplingConfig
 from llava_edge.runtime.session import ChatSession
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..conversation import render_messages
 from ..errors import UserError
 from ..runtime.bundle import DEMO_BUNDLE, open_bundle
-from ..runtime.engine import Engine, EngineConfig, Generation, Message
+from ..runtime.engine import Engine, EngineConfig
+from ..runtime.generation import Generation, Message
 from ..runtime.sampling import SamplingConfig
 from .feeder import END, Feeder, Item
 from .inputs import find_images
@@ -153,6 +154,8 @@ def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: li
                 inflight.remove(entry)
                 write(_record(prompt, *entry))
         summary.interrupted = stop.requested
+    except KeyboardInterrupt:  # a second Ctrl-C: the lines written are whole, the rest is for the rerun
+        summary.interrupted = True
     finally:
         stop.restore()
         feeder.stop.set()

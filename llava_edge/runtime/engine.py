@@ -16,28 +16,26 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Union
 
 import llama_cpp
 import numpy as np
 
 from ..conversation import IMAGE_TOKEN_INDEX, render_messages, stop_strings, tokenize_prompt
 from ..errors import UserError
-from .answer import Answer, AnswerText, Timings
+from .answer import Timings
 from .bundle import DEMO_BUNDLE, Bundle, open_bundle
 from .decoder import Decoder
-from .kv_cache import KVCache, PrefixKey, positions_digest
+from .generation import Generation, Key, Message
 from .llama_loader import open_llama
+from .prefix_state import PrefixStates
 from .sampling import SamplingConfig, sample_token
 from .vision import EmbeddingCache, EncodedImage, VisionEncoder
 
-Key = Union[int, tuple]  # a position: a token id, or ("image", sha256, index) for an image slot
 ROLES = ("system", "user", "assistant")
 
 
@@ -61,85 +59,8 @@ class EngineConfig:
             raise UserError(f"n-ctx must be at least 16 (got {self.n_ctx})")
 
 
-@dataclass
-class Message:
-    role: str  # "system" | "user" | "assistant"
-    text: str
-    images: list = field(default_factory=list)  # user messages: paths, bytes or EncodedImage, in part order
-
-
 class EngineBusy(Exception):
     """Every slot is busy and the queue is full: try again later."""
-
-
-class Generation:
-    """One request's answer as it is made: iterate for text pieces; `answer` once it has finished."""
-
-    def __init__(self, engine: Engine, keys: list[Key], images: dict[int, np.ndarray], sampling: SamplingConfig,
-                 stops: list[str], timings: Timings, t_start: float):
-        self.engine, self.keys, self.images, self.sampling = engine, keys, images, sampling
-        self.timings, self.t_start = timings, t_start
-        self.text = AnswerText(stops)
-        self.rng = np.random.default_rng(sampling.seed)
-        self.answer: Answer | None = None
-        self.error: str | None = None
-        self.slot: _Slot | None = None
-        self.cursor = 0  # next prompt position to evaluate
-        self.pending: int | None = None  # sampled token, fed to the KV by the next step
-        self.t_prefill = self.t_first = 0.0
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
-        self._done = threading.Event()
-        self._cancel: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self._done.is_set()
-
-    def cancel(self, reason: str = "cancelled") -> None:
-        """Stop this answer (thread-safe); its slot is free again after at most one step."""
-        if not self._done.is_set():
-            self._cancel = reason
-            self.engine._wake()
-
-    def wait(self, timeout: float | None = None) -> Answer | None:
-        self._done.wait(timeout)
-        return self.answer
-
-    def __iter__(self):
-        try:
-            while True:
-                try:
-                    item = self._events.get_nowait()
-                except queue.Empty:
-                    if self.engine.running:
-                        item = self._events.get()
-                    else:
-                        self.engine.step()
-                        continue
-                if item is None:
-                    break
-                yield item
-        except BaseException as e:  # Ctrl-C, or the consumer stopped reading (GeneratorExit)
-            self.cancel("interrupted" if isinstance(e, KeyboardInterrupt) else "cancelled")
-            if not self.engine.running:
-                self.engine.step()  # frees the slot and finishes the answer now
-            raise
-        if self.error is not None:
-            raise RuntimeError(self.error)
-
-    def emit(self, piece: str) -> None:
-        if piece:
-            self._events.put(piece)
-
-    def finish(self, reason: str) -> None:
-        self.emit(self.text.finish())
-        now = time.perf_counter()
-        t = self.timings
-        if self.t_first and t.n_generated > 1:
-            t.decode_tokens_per_s = (t.n_generated - 1) / max(now - self.t_first, 1e-9)
-        self.answer = Answer(self.text.text.strip(), reason, t)
-        self._events.put(None)
-        self._done.set()
 
 
 @dataclass
@@ -174,9 +95,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._memory = llama_cpp.llama_get_memory(llm.ctx)
-        self.kv_cache = KVCache(config.kv_cache_dir) if config.kv_cache_dir else None
-        # what else shapes a saved state: the llama.cpp build and the KV cache's element type
-        self._kv_runtime = f"llama_cpp {llama_cpp.__version__}; kv {'f32' if config.f32_kv else 'f16'}"
+        self.prefix_states = PrefixStates(config.kv_cache_dir, llm.ctx, bundle.manifest["files"]["decoder"]["sha256"],
+                                          bundle.template, config.f32_kv) if config.kv_cache_dir else None
         self._tokens = self._batch(0)
         self._embeds = self._batch(self.decoder.n_embd)
 
@@ -334,8 +254,12 @@ class Engine:
                 if start < keep < start + self.n_image_tokens:
                     keep = start
             self._truncate(slot, keep)
-            if self.kv_cache is not None and gen.images and keep < _prefix_end(gen, self.n_image_tokens):
-                keep = self._restore_prefix(slot, keep)
+            end = _prefix_end(gen, self.n_image_tokens)
+            if self.prefix_states is not None and gen.images and keep < end:
+                restored = self.prefix_states.restore(slot.seq, gen.keys[:end])
+                if restored is not None:
+                    slot.held, keep = (list(gen.keys[:end]), end) if restored else ([], 0)
+                    gen.timings.kv_restored = restored
             gen.cursor = keep
             gen.timings.n_cached = keep
             gen.timings.n_prefilled = len(gen.keys) - keep
@@ -401,46 +325,10 @@ class Engine:
         s.held.extend(gen.keys[begin:end])
         gen.cursor = end
         self._decode(batch)
-        if self.kv_cache is not None and end == _prefix_end(gen, self.n_image_tokens) and not gen.timings.kv_restored:
-            self._save_prefix(s)
+        if self.prefix_states is not None and end == _prefix_end(gen, self.n_image_tokens):
+            self.prefix_states.save(s.seq, gen.keys[:end])
         if last:
             self._sample(s, m - 1)
-
-    # ------------------------------------------------------------------ image-prefix KV on disk
-
-    def _prefix_key(self, gen: Generation) -> PrefixKey:
-        end = _prefix_end(gen, self.n_image_tokens)
-        positions = [k if isinstance(k, int) else k[1] for k in gen.keys[:end]]
-        return PrefixKey(self.bundle.manifest["files"]["decoder"]["sha256"], self.bundle.template,
-                         gen.keys[min(gen.images)][1], positions_digest(positions), self._kv_runtime)
-
-    def _restore_prefix(self, s: _Slot, keep: int) -> int:
-        """Load the KV of the prompt up to the end of its first image from disk; returns the new keep."""
-        blob = self.kv_cache.get(self._prefix_key(s.gen))
-        if blob is None:
-            return keep
-        self._truncate(s, 0)
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
-        if llama_cpp.llama_state_seq_set_data(self.llm.ctx, buf, len(blob), s.seq) == 0:
-            self._truncate(s, 0)  # refused by llama.cpp (another layout): prefill as if never cached
-            return 0
-        end = _prefix_end(s.gen, self.n_image_tokens)
-        if llama_cpp.llama_memory_seq_pos_max(self._memory, s.seq) != end - 1:
-            self._truncate(s, 0)
-            return 0
-        s.held = list(s.gen.keys[:end])
-        s.gen.timings.kv_restored = True
-        return end
-
-    def _save_prefix(self, s: _Slot) -> None:
-        size = llama_cpp.llama_state_seq_get_size(self.llm.ctx, s.seq)
-        buf = (ctypes.c_uint8 * size)()
-        n = llama_cpp.llama_state_seq_get_data(self.llm.ctx, buf, size, s.seq)
-        if n:
-            try:
-                self.kv_cache.put(self._prefix_key(s.gen), memoryview(buf)[:n])
-            except OSError as e:  # a full or read-only disk only costs the next process a prefill
-                print(f"llava-edge: could not save the image's KV to {self.kv_cache.directory}: {e}", file=sys.stderr)
 
     def _decode(self, batch) -> None:
         rc = llama_cpp.llama_decode(self.llm.ctx, batch)

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..errors import UserError
 from .answer import Answer
-from .engine import Engine, EngineConfig, Message
+from .engine import Engine, EngineConfig
+from .generation import Message
 from .sampling import SamplingConfig
 from .vision import EncodedImage
 

@@ -11,7 +11,8 @@ import anyio
 from starlette.responses import StreamingResponse
 
 from ..errors import UserError
-from ..runtime.engine import EngineBusy, Message
+from ..runtime.engine import EngineBusy
+from ..runtime.generation import Message
 from ..runtime.sampling import SamplingConfig
 from .errors import ApiError
 
@@ -19,7 +20,7 @@ _END = object()
 
 
 class Running:
-    """One request's answer in progress; `answer` (runtime.session.Answer) once the pieces are exhausted."""
+    """One request's answer in progress; `answer` (runtime.answer.Answer) once the pieces are exhausted."""
 
     def __init__(self, gen, active: set):
         self.gen, self._active = gen, active

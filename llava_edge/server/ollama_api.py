@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from ..runtime.engine import Message
+from ..runtime.generation import Message
 from . import generation
 from .errors import ApiError
 from .media import decode_base64

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import asdict
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..runtime.engine import Message
+from ..runtime.generation import Message
 from . import generation
 from .errors import ApiError, error_body
 from .media import load_image_url
@@ -101,6 +102,10 @@ async def engine_messages(req: ChatRequest, request: Request) -> list[Message]:
     return messages
 
 
+# Each answer also carries its engine timings (ttft_ms, prefill_ms, vision_ms, decode_tokens_per_s, ...) as
+# "timings", an extension field like llama.cpp's server's: clients that do not know it ignore it.
+
+
 def usage(timings) -> dict:
     return {"prompt_tokens": timings.n_prompt_tokens, "completion_tokens": timings.n_generated,
             "total_tokens": timings.n_prompt_tokens + timings.n_generated,
@@ -129,7 +134,7 @@ async def chat_completions(request: Request):
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text or text},
                          "logprobs": None, "finish_reason": generation.finish_reason(answer)}],
-            "usage": usage(answer.timings)}
+            "usage": usage(answer.timings), "timings": asdict(answer.timings)}
 
 
 async def sse_events(running, metrics, rid: str, created: int, model: str, include_usage: bool):
@@ -154,7 +159,7 @@ async def sse_events(running, metrics, rid: str, created: int, model: str, inclu
         return
     answer = running.answer
     metrics.count_answer(answer.timings)
-    yield event(delta({}, generation.finish_reason(answer)))
+    yield event(delta({}, generation.finish_reason(answer)), timings=asdict(answer.timings))
     if include_usage:
         yield event([], usage=usage(answer.timings))
     yield "data: [DONE]\n\n"
