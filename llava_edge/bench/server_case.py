@@ -4,9 +4,14 @@ chat_format llava-1-5, the bundle's mmproj as clip_model_path) on the same GGUF,
 At 1, 2 and 4 concurrent clients, each with its own image (a new one per request, so no server finds it in a
 cache), every answer exactly `n_decode` tokens (EOS banned with logit_bias): wall time, aggregate decode
 tokens/s (answer tokens after each first one, per second of time in which at least one answer was decoding),
-TTFT p50/p90 (to the first answer text). Then the second turn of a conversation re-sent in full: its TTFT
-through llava-edge's OpenAI and Ollama APIs and through llama-cpp-python's server. The two servers run side by
-side and are measured in turns (interleaved), level by level.
+TTFT p50/p90. The random-weight model's tokens mostly have no text (its GGUF vocab is padded past a tiny
+tokenizer), and llava-edge sends no chunk for a token without text, so its first token cannot be seen in the
+stream: its TTFT is the one it reports (`timings.ttft_ms`, from the request's arrival in the engine: the HTTP body
+and base64 decode, a few ms, are left out). llama-cpp-python's server sends a chunk per token, text or not, and
+its TTFT is the client's time to the first.
+Then the second turn of a conversation re-sent in full: its TTFT through llava-edge's OpenAI and Ollama APIs and
+through llama-cpp-python's server. The two servers run side by side and are measured in turns (interleaved),
+level by level.
 
     python -m llava_edge.bench.server_case [--bundle DIR] [--threads N] [--n-decode 128] [--out bench/reports]
 """
@@ -176,7 +181,7 @@ def openai_request(url: str, messages: list, max_tokens: int, eos_id: int) -> Ti
     body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "logit_bias": {str(eos_id): -100}}
     t = Timed(time.perf_counter())
-    pieces = []
+    pieces, reported = [], None
     try:
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
             if r.status_code != 200:
@@ -186,15 +191,18 @@ def openai_request(url: str, messages: list, max_tokens: int, eos_id: int) -> Ti
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
+                if chunk.get("timings", {}).get("n_generated"):  # llava-edge's own account of its first token
+                    reported = t.t_send + chunk["timings"]["ttft_ms"] / 1000
                 for choice in chunk.get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
+                    delta = choice.get("delta") or {}
+                    if "content" in delta and "role" not in delta:  # a token, even one with no text
                         t.t_first = t.t_first or time.perf_counter()
-                        pieces.append(content)
+                        pieces.append(delta["content"] or "")
     except httpx.HTTPError as e:
         t.error = repr(e)
     t.t_end = time.perf_counter()
     t.n_tokens, t.text = max_tokens, "".join(pieces)  # EOS banned: every answer runs to max_tokens
+    t.t_first = reported or t.t_first
     return t
 
 
@@ -209,6 +217,7 @@ def ollama_request(url: str, messages: list, max_tokens: int) -> Timed:
                 t.text += part["message"]["content"]
             if part.get("done"):
                 t.n_tokens = part.get("eval_count", 0)
+                t.t_first = t.t_send + part["prompt_eval_duration"] / 1e9  # the first token, as the server saw it
     t.t_end = time.perf_counter()
     return t
 
@@ -265,6 +274,60 @@ def second_turn(server: Server, images: Images, cfg: ServerCaseConfig, eos_id: i
         second = openai_request(server.url, history, 8, eos_id)
     return {"server": server.name, "api": api, "first_ttft_ms": 1000 * (first.t_first - first.t_send),
             "second_ttft_ms": 1000 * (second.t_first - second.t_send)}
+
+
+def soak(cfg: ServerCaseConfig, n_requests: int, clients: int = 4) -> dict:
+    """n_requests through llava-edge from `clients` threads: 8 images in turn, streamed and not, every 10th a
+    bad image (must be a 400), every 10th stream dropped after its first piece. Failures and RSS over time."""
+    server = start_llava_edge(cfg, clients)
+    eos_id = open_bundle(cfg.bundle).eos_id
+    images = Images()
+    uris = [images.next_uri() for _ in range(8)]
+    failures, rss, done, lock = [], [server.rss_mb()], [0], threading.Lock()
+
+    def one(k: int) -> None:
+        if k % 10 == 3:
+            r = httpx.post(f"{server.url}/v1/chat/completions", timeout=120, json={"messages": [image_question(
+                "data:image/png;base64," + base64.b64encode(b"not an image").decode())]})
+            ok = r.status_code == 400
+        elif k % 10 == 7:
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=120, json={
+                    "messages": [image_question(uris[k % 8])], "max_tokens": cfg.n_decode, "stream": True}) as r:
+                ok = r.status_code == 200 and any('"content": "' in line for line in r.iter_lines())
+        else:
+            t = openai_request(server.url, [image_question(uris[k % 8])], cfg.n_decode, eos_id)
+            ok = t.error is None and bool(t.text)
+        with lock:
+            done[0] += 1
+            if not ok:
+                failures.append(k)
+            if done[0] % 50 == 0:
+                rss.append(server.rss_mb())
+
+    t0 = time.perf_counter()
+    try:
+        counter = iter(range(n_requests))
+        lock_iter = threading.Lock()
+
+        def worker() -> None:
+            while True:
+                with lock_iter:
+                    k = next(counter, None)
+                if k is None:
+                    return
+                one(k)
+
+        threads = [threading.Thread(target=worker) for _ in range(clients)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        healthy = httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    finally:
+        server.stop()
+    return {"bundle": str(cfg.bundle), "requests": n_requests, "clients": clients, "failures": len(failures),
+            "failed": failures[:20], "healthy_after": healthy, "rss_mb_every_50": [round(x, 1) for x in rss],
+            "seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------------------------- the case
@@ -353,7 +416,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--levels", default="1,2,4")
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--out", type=Path, default=Path("bench/reports"))
+    p.add_argument("--soak", type=int, default=0, help="instead: N requests through llava-edge alone (failures, RSS)")
     a = p.parse_args(argv)
+    if a.soak:
+        result = soak(ServerCaseConfig(a.bundle, a.threads, a.n_decode, n_ctx=a.n_ctx), a.soak)
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "server_soak.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        return None
     report = run_server_case(ServerCaseConfig(a.bundle, a.threads, a.n_decode, tuple(int(x) for x in a.levels.split(",")),
                                               a.n_ctx, a.out))
     print(markdown(report))
