@@ -3,6 +3,8 @@ streamed and not) answer as `llava-edge chat --prompt`; tags, show and version d
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import ollama
 import pytest
@@ -75,3 +77,16 @@ def test_tags_show_version(client, server):
 def test_empty_prompt_loads_or_unloads(client):
     assert client.generate(model="llava-edge-demo", prompt="").done_reason == "load"
     assert client.generate(model="llava-edge-demo", prompt="", keep_alive=0).done_reason == "unload"
+
+
+def test_concurrent_chats_answer_as_serial_ones(client):
+    jobs = [(image, q) for image in sorted(EXAMPLES.glob("*.png")) for q in ("Describe the image.", QUESTION)]
+
+    def one(job):
+        image, q = job
+        return client.chat(model="llava-edge-demo", options=GREEDY,
+                           messages=[{"role": "user", "content": q, "images": [str(image)]}]).message.content
+
+    serial = [one(job) for job in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        assert list(pool.map(one, jobs)) == serial
