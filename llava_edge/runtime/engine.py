@@ -91,7 +91,6 @@ class Engine:
         self._lock = threading.Lock()  # the waiting queue and slot ownership
         self._step_lock = threading.Lock()  # one stepper at a time: llama.cpp's context is not thread-safe
         self._wakeup = threading.Condition(self._lock)
-        self._vision_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._memory = llama_cpp.llama_get_memory(llm.ctx)
@@ -148,8 +147,7 @@ class Engine:
                 if isinstance(source, EncodedImage):  # encoded by the caller, who reports its cost
                     encoded.append(source)
                     continue
-                with self._vision_lock:  # the embedding cache is not thread-safe
-                    image = self.vision.encode(source)
+                image = self.vision.encode(source)
                 self.image_cache_hits += image.cached
                 timings.vision_ms += image.vision_ms
                 timings.image_cached = timings.image_cached or image.cached

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -49,18 +50,21 @@ class EncodedImage:
 
 
 class EmbeddingCache:
-    """LRU of image embeddings bounded in bytes, with an optional directory of .npy files behind it."""
+    """LRU of image embeddings bounded in bytes, with an optional directory of .npy files behind it.
+    Thread-safe: the server encodes images on several request threads."""
 
     def __init__(self, max_bytes: int = 256 << 20, disk_dir: str | os.PathLike | None = None):
         self.max_bytes = max_bytes
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> np.ndarray | None:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
         if self.disk_dir is not None:
             path = self.disk_dir / f"{key}.npy"
             try:
@@ -76,22 +80,23 @@ class EmbeddingCache:
         if self.disk_dir is not None:
             try:
                 self.disk_dir.mkdir(parents=True, exist_ok=True)
-                tmp = self.disk_dir / f"{key}.{os.getpid()}.tmp.npy"
+                tmp = self.disk_dir / f"{key}.{os.getpid()}.{threading.get_ident()}.tmp.npy"
                 np.save(tmp, value, allow_pickle=False)
                 tmp.replace(self.disk_dir / f"{key}.npy")
             except OSError:
                 pass  # a cache that cannot be written is only slower
 
     def _remember(self, key: str, value: np.ndarray) -> None:
-        if key in self._items:
-            self._bytes -= self._items.pop(key).nbytes
-        if value.nbytes > self.max_bytes:
-            return
-        self._items[key] = value
-        self._bytes += value.nbytes
-        while self._bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self._bytes -= old.nbytes
+        with self._lock:
+            if key in self._items:
+                self._bytes -= self._items.pop(key).nbytes
+            if value.nbytes > self.max_bytes:
+                return
+            self._items[key] = value
+            self._bytes += value.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
 
     def __len__(self) -> int:
         return len(self._items)
