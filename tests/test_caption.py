@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llava_edge.bench.caption_case import make_images
+from llava_edge.caption.feeder import END, Feeder
 from llava_edge.caption.inputs import find_images
-from llava_edge.train.shapes import render_scene, sample_scene
+from llava_edge.errors import ImageError
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.png"))
@@ -46,23 +48,13 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in data.splitlines()]  # every line parses
 
 
-def shapes_images(folder: Path, n: int, seed: int) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        path = folder / f"shapes_{seed}_{i:03d}.png"
-        render_scene(sample_scene(rng)).save(path)
-        out.append(path)
-    return out
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """The four examples, two generated scenes, a byte copy of one example and a truncated PNG."""
     d = tmp_path_factory.mktemp("photos")
     for p in EXAMPLES:
         shutil.copy(p, d / p.name)
-    shapes_images(d, 2, seed=3)
+    make_images(d, 2, seed=3)
     shutil.copy(EXAMPLES[0], d / "zz_copy.png")
     (d / "broken.png").write_bytes(EXAMPLES[1].read_bytes()[:400])
     return d
@@ -122,7 +114,7 @@ def test_answers_equal_chat_and_do_not_depend_on_parallel(folder, parallel_run, 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory):
     d = tmp_path_factory.mktemp("many")
-    shapes_images(d, 40, seed=11)
+    make_images(d, 40, seed=11)
     return d
 
 
@@ -191,6 +183,43 @@ def test_inputs_files_folders_globs_recursive(tmp_path, monkeypatch):
     assert find_images(["."]) == ["a.png", "b.JPG"]
     assert find_images([".", "a.png", "*.png"], recursive=True) == ["a.png", "b.JPG", "sub/c.webp"]
     assert find_images(["**/*.webp", "missing.png"]) == ["sub/c.webp", "missing.png"]
+
+
+class CountingVision:
+    """Stands in for the VisionEncoder: the feeder's batching is what is under test here."""
+
+    def __init__(self):
+        self.batches = []
+
+    def pixels(self, data, name):
+        if data.startswith(b"bad"):
+            raise ImageError(f"{name}: not an image file")
+        return np.full((3, 2, 2), data[0], np.float32)
+
+    def encode_pixels(self, pixels):
+        self.batches.append(pixels.shape[0])
+        return pixels.reshape(len(pixels), 3, 4)
+
+
+def test_feeder_batches_distinct_images_and_encodes_copies_once(tmp_path):
+    names = {"a": b"a1", "b": b"b22", "a_copy": b"a1", "c": b"c1", "bad": b"bad", "d": b"d1", "b_copy": b"b22"}
+    for name, data in names.items():
+        (tmp_path / name).write_bytes(data)
+    vision = CountingVision()
+    feeder = Feeder(vision, [str(tmp_path / n) for n in names], batch=2, depth=100)
+    feeder.run()
+    items = []
+    while (item := feeder.items.get_nowait()) is not END:
+        items.append(item)
+    by_name = {Path(i.path).name: i for i in items}
+    assert sorted(by_name) == sorted(names) and feeder.failure is None
+    assert vision.batches == [2, 2] and feeder.encoded == 4  # a, b, c, d: the copies and the bad file never run
+    assert by_name["bad"].error == f"{tmp_path / 'bad'}: not an image file"
+    for copy, first in (("a_copy", "a"), ("b_copy", "b")):
+        assert by_name[copy].image.cached and not by_name[first].image.cached
+        assert by_name[copy].image.embeds is by_name[first].image.embeds
+        assert by_name[copy].sha256 == hashlib.sha256(names[first]).hexdigest()
+    assert [Path(i.path).name for i in items if i.image is not None] == ["a", "a_copy", "b", "b_copy", "c", "d"]
 
 
 @pytest.mark.parametrize("args, words", [
