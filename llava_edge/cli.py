@@ -142,8 +142,8 @@ def caption(
     summary = run_caption(CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel,
                                         max_tokens, temperature, seed, recursive, threads, device, vision_batch))
     print(format_summary(summary, out), file=sys.stderr)
-    if summary.interrupted:
-        raise typer.Exit(130)
+    if summary.interrupted or summary.failed:
+        raise typer.Exit(130 if summary.interrupted else 1)
 
 
 @app.command()

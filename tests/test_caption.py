@@ -17,7 +17,8 @@ import pytest
 from llava_edge.bench.caption_case import make_images
 from llava_edge.caption.feeder import END, Feeder
 from llava_edge.caption.inputs import find_images
-from llava_edge.errors import ImageError
+from llava_edge.caption.results import ResultFile
+from llava_edge.errors import ImageError, UserError
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.png"))
@@ -232,6 +233,17 @@ def test_bad_options_are_one_line(tmp_path, args, words):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llava-edge: error:") and all(w in lines[0] for w in words)
+
+
+def test_one_writer_per_out_file(tmp_path):
+    first = ResultFile(tmp_path / "out.jsonl")
+    assert first.open() == set()
+    with pytest.raises(UserError, match="another caption run is writing it"):
+        ResultFile(tmp_path / "out.jsonl").open()
+    first.close()
+    second = ResultFile(tmp_path / "out.jsonl")
+    assert second.open() == set()
+    second.close()
 
 
 def test_no_images_is_one_line(tmp_path):

@@ -61,6 +61,7 @@ class CaptionSummary:
     written: int = 0  # lines this run wrote
     errors: int = 0  # of which error lines
     encoded: int = 0  # vision runs (an image whose bytes were seen before is not encoded again)
+    failed: int = 0  # answers the engine failed: no line written, so a rerun makes them
     seconds: float = 0.0
     interrupted: bool = False
 
@@ -149,10 +150,16 @@ def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: li
                 else:
                     inflight.append((item, engine.generate([Message("user", prompt, [item.image])], sampling)))
             if inflight and not inflight[0][1].finished:
-                inflight[0][1].wait(0.1)
+                inflight[0][1].wait(0.02)  # short: an image the feeder hands over meanwhile waits at most this
             for entry in [e for e in inflight if e[1].finished]:
                 inflight.remove(entry)
-                write(_record(prompt, *entry))
+                record = _record(prompt, *entry)
+                if record is None:  # not the image's fault: no line, so that a rerun tries it again
+                    summary.failed += 1
+                    bar.write(f"llava-edge: {entry[0].path}: {entry[1].error}; not written (a rerun tries again)",
+                              file=sys.stderr)
+                else:
+                    write(record)
         summary.interrupted = stop.requested
     except KeyboardInterrupt:  # a second Ctrl-C: the lines written are whole, the rest is for the rerun
         summary.interrupted = True
@@ -168,11 +175,11 @@ def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: li
         feeder.join(5)
 
 
-def _record(prompt: str, item: Item, gen: Generation) -> dict:
+def _record(prompt: str, item: Item, gen: Generation) -> dict | None:
+    """The line of a finished answer; None when the engine failed it (llama.cpp's decode returned an error)."""
     answer = gen.answer
-    if gen.error is not None or answer.finish_reason not in ("stop", "length"):
-        return {"path": item.path, "sha256": item.sha256, "prompt": prompt,
-                "error": gen.error or f"the answer ended as {answer.finish_reason}"}
+    if gen.error is not None:
+        return None
     timings = answer.timings
     timings.vision_ms, timings.image_cached = item.image.vision_ms, item.image.cached
     return {"path": item.path, "sha256": item.sha256, "prompt": prompt, "answer": answer.text,
@@ -207,6 +214,8 @@ def format_summary(summary: CaptionSummary, out: str | Path) -> str:
     parts = [f"{summary.written} lines written to {out}"]
     if summary.errors:
         parts.append(f"{summary.errors} errors")
+    if summary.failed:
+        parts.append(f"{summary.failed} answers failed in the engine and were not written")
     if summary.already_done:
         parts.append(f"{summary.already_done} already there")
     text = (f"llava-edge: {', '.join(parts)}; {summary.encoded} images encoded; {summary.seconds:.1f} s, "
