@@ -99,6 +99,8 @@ def chat(
     n_ctx: Optional[int] = typer.Option(None, help="context length (default: the model's, at most 4096; more is cut "
                                                   "to the model's trained context)"),
     cache_dir: Optional[Path] = typer.Option(None, help="keep image embeddings here too (.npy per image content)"),
+    kv_cache_dir: Optional[Path] = typer.Option(
+        None, help="keep the KV of the image prompt here: a later run about the same image skips its prefill"),
 ):
     """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
     from .chat import answer_once, context_length, demo_note, repl
@@ -112,7 +114,8 @@ def chat(
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     manifest = open_bundle(bundle or DEMO_BUNDLE, verify=False)  # the files are verified by the session
     n_ctx = context_length(manifest, n_ctx)
-    session = ChatSession.open(bundle, device=device, threads=threads, n_ctx=n_ctx, cache_dir=cache_dir)
+    session = ChatSession.open(bundle, device=device, threads=threads, n_ctx=n_ctx, cache_dir=cache_dir,
+                               kv_cache_dir=kv_cache_dir)
     if prompt is not None:
         answer_once(session, image, prompt, sampling, as_json)
         demo_note(manifest)

@@ -55,6 +55,16 @@ def test_json_output_has_the_contract_fields():
     assert t["vision_ms"] > 0 and t["ttft_ms"] >= t["vision_ms"] + t["prefill_ms"]
 
 
+def test_kv_cache_dir_lets_a_new_process_skip_the_image_prefill(tmp_path):
+    runs = [chat(GREEN, "--prompt", "Describe the image.", "--json", "--kv-cache-dir", tmp_path) for _ in range(2)]
+    assert all(p.returncode == 0 for p in runs), runs[-1].stderr
+    cold, warm = (json.loads(p.stdout) for p in runs)
+    assert cold["answer"] == warm["answer"] == "A green triangle."
+    assert not cold["timings"]["kv_restored"] and warm["timings"]["kv_restored"]
+    assert cold["timings"]["n_prefilled"] == cold["n_prompt_tokens"]
+    assert warm["timings"]["n_prefilled"] < cold["n_prompt_tokens"] - 64  # the image's 64 positions came from disk
+
+
 def test_interactive_chat_with_commands():
     two = ROOT / "examples" / "red_triangle_yellow_square_yellow_triangle.png"
     script = f"Describe the image.\n/reset\n/image {two}\nDescribe the image.\n/image {tmp_missing()}\n/quit\n"
