@@ -283,14 +283,21 @@ def serve(
     queue: int = typer.Option(16, help="requests that may wait for a slot; more get 503"),
     max_images: int = typer.Option(4, help="images per request"),
     device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
+    kv_cache_dir: Optional[Path] = typer.Option(
+        None, help="keep the KV of each image prompt here: a restarted server skips the prefill of images it saw"),
 ):
     """OpenAI- and Ollama-compatible HTTP server (chat with images, several requests at once)."""
+    from .chat import context_length
+    from .runtime.bundle import DEMO_BUNDLE, open_bundle
     from .runtime.engine import EngineConfig
     from .server.config import ServerConfig
     from .server.serve import serve as run_server
 
+    _check_threads(threads)
+    n_ctx = context_length(open_bundle(bundle or DEMO_BUNDLE, verify=False), n_ctx)
     name = model_name or ("llava-edge-demo" if bundle is None else bundle.resolve().name)
-    run_server(bundle, EngineConfig(parallel=parallel, n_ctx=n_ctx, threads=threads, queue=queue, device=device),
+    run_server(bundle, EngineConfig(parallel=parallel, n_ctx=n_ctx, threads=threads, queue=queue, device=device,
+                                    kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None),
                ServerConfig(host=host, port=port, model_name=name, api_key=api_key,
                             media_dir=str(media_dir) if media_dir else None, allow_remote_images=allow_remote_images,
                             max_images=max_images))
