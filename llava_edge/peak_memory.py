@@ -1,20 +1,94 @@
-"""Peak anonymous and file-backed memory of this process and its children, sampled on a thread.
+"""Peak anonymous and file-backed memory of this process and its children, sampled by a watcher process.
 
 The kernel's own high-water mark (VmHWM) adds anonymous memory (heap, tensors, llama.cpp buffers) to
 file-backed pages (memory-mapped checkpoints and GGUFs: page cache the kernel can drop at any time), so a
 7B export that maps a 14 GB checkpoint reads as 15 GB while holding 2 GB of its own. Here RssAnon and
 RssFile come from /proc/<pid>/status every `interval_s`, summed over this process and its descendants,
-and each kind's peak is kept, overall and per named step. A spike shorter than the interval can be
-missed; VmHWM is reported beside them as the kernel's bound on the total. Linux only (elsewhere: empty).
+and each kind's peak is kept, overall and per named step. The sampling runs in a small child process
+(plain Python, no imports beyond the standard library), not a thread: a thread cannot run while a C
+extension holds the GIL (protobuf parsing an ONNX model does), and missed exactly those peaks (2.0 GB
+reported where a watcher outside saw 2.7 GB). A spike shorter than the interval can still be missed;
+VmHWM is reported beside them as the kernel's bound on the total. Linux only (elsewhere: zeros).
 """
 
 from __future__ import annotations
 
-import threading
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 KINDS = ("RssAnon", "RssFile")
+
+# The watcher: samples the parent and its descendants (itself excluded); reads commands on stdin:
+# "step NAME" (peaks from now on also kept under NAME), "result" (one JSON line of peaks so far).
+_WATCHER = r"""
+import json, os, select, sys
+parent, interval, me = sys.argv[1], float(sys.argv[2]), str(os.getpid())
+KINDS = ("RssAnon", "RssFile")
+
+def status(pid):
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in KINDS:
+                    out[key] = int(value.split()[0])
+    except OSError:
+        pass
+    return out
+
+def descendants(pid):
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids = f.read().split()
+        except OSError:
+            continue
+        for kid in kids:
+            if kid != me:
+                found += [kid] + descendants(kid)
+    return found
+
+peak, by_step, step, n = dict.fromkeys(KINDS, 0), {}, None, 0
+
+def sample():
+    global n
+    total = dict.fromkeys(KINDS, 0)
+    for pid in [parent] + descendants(parent):
+        for kind, value in status(pid).items():
+            total[kind] += value
+    n += 1
+    for peaks in [peak] + ([by_step[step]] if step else []):
+        for kind in KINDS:
+            peaks[kind] = max(peaks[kind], total[kind])
+
+sample()
+print("ready", flush=True)
+while True:
+    ready, _, _ = select.select([sys.stdin], [], [], interval)
+    sample()
+    if not ready:
+        continue
+    line = sys.stdin.readline()
+    if not line:
+        break
+    command, _, arg = line.strip().partition(" ")
+    if command == "step":
+        step = arg
+        by_step.setdefault(step, dict.fromkeys(KINDS, 0))
+        sample()
+    elif command == "result":
+        print(json.dumps({"peak": peak, "by_step": by_step, "n": n}), flush=True)
+"""
 
 
 def read_status(pid: str = "self") -> dict[str, int]:
@@ -31,80 +105,55 @@ def read_status(pid: str = "self") -> dict[str, int]:
     return out
 
 
-def descendants(pid: str = "self") -> list[str]:
-    """Child processes, recursively (from /proc/<pid>/task/*/children)."""
-    found = []
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            kids = children.read_text().split()
-        except OSError:
-            continue
-        for kid in kids:
-            found += [kid, *descendants(kid)]
-    return found
-
-
 class PeakMemory:
     """`with PeakMemory() as mem: ...; mem.step("quantize"); ...; mem.result()`"""
 
     def __init__(self, interval_s: float = 0.02):
         self.interval_s = interval_s
-        self.peak = dict.fromkeys(KINDS, 0)
-        self.by_step: dict[str, dict[str, int]] = {}
-        self.current_step: str | None = None
-        self.n_samples = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+        self._watcher: subprocess.Popen | None = None
+        self._last: dict = {"peak": dict.fromkeys(KINDS, 0), "by_step": {}, "n": 0}
         self._start = time.perf_counter()
 
     def __enter__(self) -> PeakMemory:
-        self.sample()
-        self._thread.start()
+        if Path("/proc/self/status").exists():
+            self._watcher = subprocess.Popen(
+                [sys.executable, "-c", _WATCHER, str(os.getpid()), str(self.interval_s)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+            self._watcher.stdout.readline()  # "ready": the first sample is taken
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
+        if self._watcher is not None:
+            self._ask("result")
+            self._watcher.stdin.close()
+            self._watcher.wait()
+            self._watcher = None
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.sample()
+    def _ask(self, command: str) -> None:
+        if self._watcher is None or self._watcher.poll() is not None:
+            return
+        self._watcher.stdin.write(command + "\n")
+        self._watcher.stdin.flush()
+        if command == "result":
+            self._last = json.loads(self._watcher.stdout.readline())
 
     def step(self, name: str) -> None:
         """Peaks from now on are also kept under `name` (until the next step)."""
-        self.sample()
-        with self._lock:
-            self.current_step = name
-            self.by_step.setdefault(name, dict.fromkeys(KINDS, 0))
-        self.sample()
-
-    def sample(self) -> None:
-        total = dict.fromkeys(KINDS, 0)
-        for pid in ["self", *descendants()]:
-            status = read_status(pid)
-            for kind in KINDS:
-                total[kind] += status.get(kind, 0)
-        with self._lock:
-            self.n_samples += 1
-            targets = [self.peak] + ([self.by_step[self.current_step]] if self.current_step else [])
-            for peaks in targets:
-                for kind in KINDS:
-                    peaks[kind] = max(peaks[kind], total[kind])
+        self._ask(f"step {name}")
 
     def result(self) -> dict:
         """MiB figures: overall peaks, per-step anonymous peaks, VmHWM, the sampling interval, seconds so far."""
-        self.sample()
-        with self._lock:
-            return {
-                "peak_rss_anon_mb": round(self.peak["RssAnon"] / 1024),
-                "peak_rss_file_mb": round(self.peak["RssFile"] / 1024),
-                "vm_hwm_mb": round(read_status().get("VmHWM", 0) / 1024),
-                "peak_rss_anon_mb_by_step": {k: round(v["RssAnon"] / 1024) for k, v in self.by_step.items()},
-                "sampled_every_ms": round(self.interval_s * 1000),
-                "seconds": round(time.perf_counter() - self._start, 1),
-            }
+        self._ask("result")
+        peak, by_step = self._last["peak"], self._last["by_step"]
+        return {
+            "peak_rss_anon_mb": round(peak["RssAnon"] / 1024),
+            "peak_rss_file_mb": round(peak["RssFile"] / 1024),
+            "vm_hwm_mb": round(read_status().get("VmHWM", 0) / 1024),
+            "peak_rss_anon_mb_by_step": {k: round(v["RssAnon"] / 1024) for k, v in by_step.items()},
+            "sampled_every_ms": round(self.interval_s * 1000),
+            "seconds": round(time.perf_counter() - self._start, 1),
+        }
 
 
 def format_peaks(result: dict) -> str:
