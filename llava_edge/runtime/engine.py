@@ -107,7 +107,10 @@ class Engine:
         bundle = open_bundle(bundle_dir or DEMO_BUNDLE, verify=verify)
         vision = VisionEncoder(bundle, config.device, config.threads, EmbeddingCache(disk_dir=config.image_cache_dir))
         n_ctx_seq = config.n_ctx or min(bundle.n_ctx_train or 4096, 4096)
-        llm = open_llama(bundle.decoder_file, n_ctx=n_ctx_seq * config.parallel, n_threads=config.threads,
+        # llama.cpp pads the whole context to a multiple of 256 and splits it evenly: give each sequence a
+        # multiple of 256 so the split is exact (the engine still holds each to n_ctx_seq)
+        per_sequence = -(-n_ctx_seq // 256) * 256
+        llm = open_llama(bundle.decoder_file, n_ctx=per_sequence * config.parallel, n_threads=config.threads,
                          n_batch=config.n_batch, f32_kv=config.f32_kv, n_seq_max=config.parallel)
         return cls(bundle, vision, llm, config, n_ctx_seq)
 
