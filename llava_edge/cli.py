@@ -141,10 +141,14 @@ def caption(
 ):
     """Caption (or ask one question about) every image of a folder: a JSONL line per image, resumable."""
     from .caption.pipeline import CaptionConfig, format_summary, run_caption
+    from .chat import demo_note
+    from .runtime.bundle import DEMO_BUNDLE, open_bundle
 
+    _check_threads(threads)
     summary = run_caption(CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel,
                                         max_tokens, temperature, seed, recursive, threads, device, vision_batch))
     print(format_summary(summary, out), file=sys.stderr)
+    demo_note(open_bundle(bundle or DEMO_BUNDLE, verify=False))
     if summary.interrupted or summary.failed:
         raise typer.Exit(130 if summary.interrupted else 1)
 
