@@ -32,7 +32,8 @@ def open_llama(
     """Load a GGUF decoder; llama_kwargs go to `Llama` (e.g. a chat_handler). `extra_bufts=None` asks the
     cached probe whether llama.cpp's extra CPU buffer types are safe here; a bad file is a UserError (one
     line), not a native abort. `flash_attn=None`: on, except with an f32 KV cache (the exact parity runs): it
-    prefilled a 576-position image 1.33x faster at 7B width on the 2-core Xeon (bench/decoder_knobs.py)."""
+    prefilled a 576-position image 1.09-1.12x faster at 7B width on the 2-core Xeon, decode unchanged
+    (bench/decoder_knobs.py)."""
     path = Path(gguf_path)
     if not path.is_file():
         raise UserError(f"{path}: decoder GGUF not found")
