@@ -291,20 +291,23 @@ def serve(
         None, help="keep the KV of each image prompt here: a restarted server skips the prefill of images it saw"),
 ):
     """OpenAI- and Ollama-compatible HTTP server (chat with images, several requests at once)."""
-    from .chat import context_length
+    from .chat import context_length, demo_note
     from .runtime.bundle import DEMO_BUNDLE, open_bundle
     from .runtime.engine import EngineConfig
     from .server.config import ServerConfig
     from .server.serve import serve as run_server
 
     _check_threads(threads)
-    n_ctx = context_length(open_bundle(bundle or DEMO_BUNDLE, verify=False), n_ctx)
+    manifest = open_bundle(bundle or DEMO_BUNDLE, verify=False)  # the files are verified when the engine loads
+    n_ctx = context_length(manifest, n_ctx)
     name = model_name or ("llava-edge-demo" if bundle is None else bundle.resolve().name)
-    run_server(bundle, EngineConfig(parallel=parallel, n_ctx=n_ctx, threads=threads, queue=queue, device=device,
-                                    kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None),
-               ServerConfig(host=host, port=port, model_name=name, api_key=api_key,
-                            media_dir=str(media_dir) if media_dir else None, allow_remote_images=allow_remote_images,
-                            max_images=max_images))
+    engine_config = EngineConfig(parallel=parallel, n_ctx=n_ctx, threads=threads, queue=queue, device=device,
+                                 kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
+    server_config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key,
+                                 media_dir=str(media_dir) if media_dir else None,
+                                 allow_remote_images=allow_remote_images, max_images=max_images)
+    demo_note(manifest)
+    run_server(bundle, engine_config, server_config)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from server_process import ServerProcess
 
 
 @pytest.mark.parametrize("args, words", [
@@ -19,3 +20,12 @@ def test_bad_serve_settings_are_one_line(args, words):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("llava-edge: error:") and words in lines[0], proc.stderr
+
+
+def test_serving_the_demo_says_so_once_on_stderr():
+    server = ServerProcess()
+    try:
+        notes = [line for line in server.stderr().splitlines() if "demo model" in line]
+        assert len(notes) == 1 and "synthetic world" in notes[0]
+    finally:
+        server.stop()
