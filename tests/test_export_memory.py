@@ -2,6 +2,7 @@
 printed by the CLI; the decoder parity's reference never converts the whole decoder to fp32."""
 
 import mmap
+import gc
 import subprocess
 import sys
 import time
@@ -36,16 +37,19 @@ def test_anonymous_and_file_backed_peaks_are_apart(tmp_path):
 
 def test_children_count_and_steps_keep_their_own_peaks():
     child = "import numpy, time; a = numpy.ones(200 * 2**20, dtype=numpy.uint8); time.sleep(0.6)"
+    gc.collect()
+    own_before = read_status()["RssAnon"] / 1024
     with PeakMemory(interval_s=0.01) as mem:
         mem.step("quiet")
         time.sleep(0.05)
         mem.step("child")
         subprocess.run([sys.executable, "-c", child], check=True)
     got = mem.result()
-    own = read_status()["RssAnon"] / 1024
-    assert got["peak_rss_anon_mb"] >= own + 190
-    assert got["peak_rss_anon_mb_by_step"]["child"] >= own + 190
-    assert got["peak_rss_anon_mb_by_step"]["quiet"] < own + 100
+    # this process's own memory may shrink meanwhile (earlier tests' garbage returned to the OS)
+    own = max(own_before, read_status()["RssAnon"] / 1024)
+    steps = got["peak_rss_anon_mb_by_step"]
+    assert got["peak_rss_anon_mb"] >= steps["child"] >= steps["quiet"] + 150
+    assert steps["quiet"] < own + 100
 
 
 @pytest.fixture(scope="module")
