@@ -94,7 +94,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._memory = llama_cpp.llama_get_memory(llm.ctx)
-        self.prefix_states = PrefixStates(config.kv_cache_dir, llm.ctx, bundle.manifest["files"]["decoder"]["sha256"],
+        self.prefix_states = PrefixStates(config.kv_cache_dir, llm, bundle.manifest["files"]["decoder"]["sha256"],
                                           bundle.template, config.f32_kv) if config.kv_cache_dir else None
         self._tokens = self._batch(0)
         self._embeds = self._batch(self.decoder.n_embd)

@@ -16,13 +16,15 @@ from .kv_cache import KVCache, PrefixKey, positions_digest
 
 
 class PrefixStates:
-    def __init__(self, directory: str, ctx, decoder_sha256: str, template: str, f32_kv: bool):
+    def __init__(self, directory: str, llm: llama_cpp.Llama, decoder_sha256: str, template: str, f32_kv: bool):
         self.cache = KVCache(directory)
-        self.ctx = ctx
-        self._memory = llama_cpp.llama_get_memory(ctx)
+        self.ctx = llm.ctx
+        self._memory = llama_cpp.llama_get_memory(self.ctx)
         self._decoder, self._template = decoder_sha256, template
-        # what else shapes a saved state: the llama.cpp build and the KV cache's element type
-        self._runtime = f"llama_cpp {llama_cpp.__version__}; kv {'f32' if f32_kv else 'f16'}"
+        # what else shapes a saved state: the llama.cpp build, the KV cache's element type, and flash attention
+        # (which stores V untransposed)
+        flash = int(llm.context_params.flash_attn_type)
+        self._runtime = f"llama_cpp {llama_cpp.__version__}; kv {'f32' if f32_kv else 'f16'}; flash_attn {flash}"
 
     def key(self, prefix: list) -> PrefixKey:
         """prefix: positions (token ids, ("image", sha256, i) tuples) ending with the first image."""
