@@ -48,6 +48,21 @@ def context_length(bundle: Bundle, n_ctx: int | None) -> int | None:
     return n_ctx
 
 
+def check_image_tokens(bundle: Bundle, image_tokens: int | None) -> None:
+    """--image-tokens checked before anything loads: a positive integer below the tower's token count, on a
+    bundle whose vision graph can reduce."""
+    if image_tokens is None:
+        return
+    n = bundle.vision.n_image_tokens
+    if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 1:
+        raise UserError(f"--image-tokens must be a positive integer (got {image_tokens!r})")
+    if image_tokens >= n:
+        raise UserError(f"--image-tokens {image_tokens} is not below the {n} tokens an image takes "
+                        "(leave it out for all of them)")
+    if not bundle.vision.reducible:
+        raise UserError(f"{bundle.path} was exported before image-token reduction: re-export it for --image-tokens")
+
+
 def image_argument(text: str) -> Path:
     """The path after /image as a terminal pastes it: quoted ('a b.png', "a b.png"), backslash-escaped, a
     file:// URI, or with ~."""
@@ -62,30 +77,36 @@ def image_argument(text: str) -> Path:
     return Path(path).expanduser()
 
 
+def answer_json(session: ChatSession, answer, image) -> str:
+    out = answer.to_dict()
+    out.update(image=str(image), bundle=str(session.bundle.path), vision_provider=session.vision.provider,
+               decoder_quant=session.bundle.quant)
+    return json.dumps(out)
+
+
 def answer_once(session: ChatSession, image: Path, prompt: str, sampling: SamplingConfig, as_json: bool) -> None:
     session.set_image(image)
     answer = session.answer(prompt, sampling)
-    if as_json:
-        out = answer.to_dict()
-        out.update(image=str(image), bundle=str(session.bundle.path), vision_provider=session.vision.provider,
-                   decoder_quant=session.bundle.quant)
-        print(json.dumps(out))
-    else:
-        print(answer.text)
+    print(answer_json(session, answer, image) if as_json else answer.text)
 
 
 def repl(session: ChatSession, image: Path, sampling: SamplingConfig, note: str | None = None,
-         read_line: Callable[[str], str] | None = None) -> None:
+         read_line: Callable[[str], str] | None = None, as_json: bool = False) -> None:
     """Read questions until /quit or Ctrl-D. Ctrl-C clears the line at the prompt and stops an answer being
-    written, never the chat."""
+    written, never the chat. as_json: each answer is one JSON line on stdout (answer, timings), nothing else is."""
     session.set_image(image)
     print(f"llava-edge chat about {image} — /help lists the commands, /quit or Ctrl-D ends", file=sys.stderr)
     if note:
         print(note, file=sys.stderr)
     read_line = read_line or line_reader(cache_dir() / "chat-history")
+    # the prompt goes to stdout on a terminal (the line editor's), to stderr when stdout carries JSON lines
+    prompt = "" if as_json else "USER: "
     while True:
         try:
-            line = read_line("USER: ")
+            if as_json:
+                print("USER: ", end="", file=sys.stderr, flush=True)
+            with session.while_typing():  # the image prefix is prefilled meanwhile
+                line = read_line(prompt)
         except KeyboardInterrupt:  # Ctrl-C at the prompt: the line is dropped, ask again
             print(file=sys.stderr)
             continue
@@ -99,15 +120,18 @@ def repl(session: ChatSession, image: Path, sampling: SamplingConfig, note: str 
             if not command(session, line):
                 return
             continue
-        print("ASSISTANT: ", end="", flush=True)
+        if not as_json:
+            print("ASSISTANT: ", end="", flush=True)
         try:
             for piece in session.ask(line, sampling):
-                print(piece, end="", flush=True)
-            print()
+                if not as_json:
+                    print(piece, end="", flush=True)
+            print(answer_json(session, session.last, session.image_path) if as_json else "", flush=True)
         except KeyboardInterrupt:
-            print(" [stopped]")
+            print(answer_json(session, session.last, session.image_path) if as_json else " [stopped]", flush=True)
         except UserError as e:  # e.g. the conversation no longer fits the context: the chat goes on
-            print()
+            if not as_json:
+                print()
             print(f"llava-edge: {e}", file=sys.stderr)
 
 

@@ -11,6 +11,10 @@ import typer
 
 from .errors import UserError
 from .extras import require_heavy
+from .runtime.bundle import MAX_DEFAULT_N_CTX
+from .runtime.engine_config import EngineConfig
+from .runtime.sampling import SamplingConfig
+from .server.config import ServerConfig
 
 # rich_markup_mode=None: typer 0.29's rich help panel prints every option's type, flags included (`--json <bool>`,
 # even `--help <bool>`), though a flag takes no value; its plain formatter leaves the type off flags.
@@ -35,6 +39,15 @@ def _main_options(
     show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version"),
 ):
     """Run LLaVA-1.5 on edge devices: export a checkpoint to an edge bundle, chat with it, serve it, bench it."""
+
+
+def default(config: type, name: str):
+    """A config dataclass's default for one field: the CLI states no default of its own."""
+    return config.__dataclass_fields__[name].default
+
+
+IMAGE_TOKENS_HELP = ("tokens per image: fewer prefill faster (VisionZip-style selection in the vision graph; "
+                     "default: all, as the model was trained)")
 
 
 def _check_threads(threads: Optional[int]) -> None:
@@ -89,38 +102,39 @@ def chat(
     image: Path = typer.Argument(..., help="an image file (PNG, JPEG, WebP, GIF, BMP, TIFF)"),
     bundle: Optional[Path] = typer.Option(None, help="edge bundle dir (default: the demo bundle in the package)"),
     prompt: Optional[str] = typer.Option(None, help="one question, one answer on stdout; without it, interactive chat"),
-    max_tokens: int = typer.Option(256, help="most tokens per answer"),
-    temperature: float = typer.Option(0.0, help="0 = greedy and deterministic; > 0 samples"),
-    top_p: float = typer.Option(1.0, help="nucleus sampling (with temperature > 0)"),
-    seed: Optional[int] = typer.Option(None, help="sampling seed"),
-    as_json: bool = typer.Option(False, "--json", help="with --prompt: one JSON object with the answer and timings"),
-    device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
+    max_tokens: int = typer.Option(default(SamplingConfig, "max_tokens"), help="most tokens per answer"),
+    temperature: float = typer.Option(default(SamplingConfig, "temperature"),
+                                      help="0 = greedy and deterministic; > 0 samples"),
+    top_p: float = typer.Option(default(SamplingConfig, "top_p"), help="nucleus sampling (with temperature > 0)"),
+    seed: Optional[int] = typer.Option(default(SamplingConfig, "seed"), help="sampling seed"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per answer, with its timings (with --prompt, "
+                                                       "or per question read from stdin)"),
+    image_tokens: Optional[int] = typer.Option(default(EngineConfig, "image_tokens"), help=IMAGE_TOKENS_HELP),
+    device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
-    n_ctx: Optional[int] = typer.Option(None, help="context length (default: the model's, at most 4096; more is cut "
-                                                  "to the model's trained context)"),
+    n_ctx: Optional[int] = typer.Option(None, help=f"context length (default: the model's, at most "
+                                                  f"{MAX_DEFAULT_N_CTX}; more is cut to the model's trained context)"),
     cache_dir: Optional[Path] = typer.Option(None, help="keep image embeddings here too (.npy per image content)"),
     kv_cache_dir: Optional[Path] = typer.Option(
         None, help="keep the KV of the image prompt here: a later run about the same image skips its prefill"),
 ):
     """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
-    from .chat import answer_once, context_length, demo_note, repl
+    from .chat import answer_once, check_image_tokens, context_length, demo_note, repl
     from .runtime.bundle import DEMO_BUNDLE, open_bundle
-    from .runtime.sampling import SamplingConfig
     from .runtime.session import ChatSession
 
-    if as_json and prompt is None:
-        raise UserError("--json needs --prompt (the interactive chat prints text)")
     _check_threads(threads)
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     manifest = open_bundle(bundle or DEMO_BUNDLE, verify=False)  # the files are verified by the session
     n_ctx = context_length(manifest, n_ctx)
+    check_image_tokens(manifest, image_tokens)
     session = ChatSession.open(bundle, device=device, threads=threads, n_ctx=n_ctx, cache_dir=cache_dir,
-                               kv_cache_dir=kv_cache_dir)
+                               kv_cache_dir=kv_cache_dir, image_tokens=image_tokens)
     if prompt is not None:
         answer_once(session, image, prompt, sampling, as_json)
         demo_note(manifest)
     else:
-        repl(session, image, sampling, note=demo_note(manifest, print_it=False))
+        repl(session, image, sampling, note=demo_note(manifest, print_it=False), as_json=as_json)
 
 
 @app.command()
@@ -275,34 +289,38 @@ def bench(
 @app.command()
 def serve(
     bundle: Optional[Path] = typer.Option(None, help="edge bundle dir (default: the demo bundle in the package)"),
-    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0: every interface)"),
-    port: int = typer.Option(8080, help="TCP port (0: any free one; the printed URL names it)"),
-    parallel: int = typer.Option(1, help="requests decoded at once (sequences in the one llama.cpp context)"),
-    n_ctx: Optional[int] = typer.Option(None, help="context positions per sequence (default: the model's, at most 4096)"),
+    host: str = typer.Option(default(ServerConfig, "host"), help="address to bind (0.0.0.0: every interface)"),
+    port: int = typer.Option(default(ServerConfig, "port"), help="TCP port (0: any free one; the printed URL names it)"),
+    parallel: int = typer.Option(default(EngineConfig, "parallel"),
+                                 help="requests decoded at once (sequences in the one llama.cpp context)"),
+    n_ctx: Optional[int] = typer.Option(
+        None, help=f"context positions per sequence (default: the model's, at most {MAX_DEFAULT_N_CTX})"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
     api_key: Optional[str] = typer.Option(None, help="require Authorization: Bearer KEY (all but /health)"),
     media_dir: Optional[Path] = typer.Option(None, help="file:// image URLs are allowed inside this dir only"),
     allow_remote_images: bool = typer.Option(False, help="fetch http(s) image URLs"),
     model_name: Optional[str] = typer.Option(None, help="the model's name in both APIs (default: the bundle dir's)"),
-    queue: int = typer.Option(16, help="requests that may wait for a slot; more get 503"),
-    max_images: int = typer.Option(4, help="images per request"),
-    device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
+    queue: int = typer.Option(default(EngineConfig, "queue"), help="requests that may wait for a slot; more get 503"),
+    max_images: int = typer.Option(default(ServerConfig, "max_images"), help="images per request"),
+    image_tokens: Optional[int] = typer.Option(
+        default(EngineConfig, "image_tokens"),
+        help=IMAGE_TOKENS_HELP + "; a request's image_tokens (OpenAI) or options.image_tokens (Ollama) wins"),
+    device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
     kv_cache_dir: Optional[Path] = typer.Option(
         None, help="keep the KV of each image prompt here: a restarted server skips the prefill of images it saw"),
 ):
     """OpenAI- and Ollama-compatible HTTP server (chat with images, several requests at once)."""
-    from .chat import context_length, demo_note
+    from .chat import check_image_tokens, context_length, demo_note
     from .runtime.bundle import DEMO_BUNDLE, open_bundle
-    from .runtime.engine import EngineConfig
-    from .server.config import ServerConfig
     from .server.serve import serve as run_server
 
     _check_threads(threads)
     manifest = open_bundle(bundle or DEMO_BUNDLE, verify=False)  # the files are verified when the engine loads
     n_ctx = context_length(manifest, n_ctx)
+    check_image_tokens(manifest, image_tokens)
     name = model_name or ("llava-edge-demo" if bundle is None else bundle.resolve().name)
     engine_config = EngineConfig(parallel=parallel, n_ctx=n_ctx, threads=threads, queue=queue, device=device,
-                                 kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
+                                 kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None, image_tokens=image_tokens)
     server_config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key,
                                  media_dir=str(media_dir) if media_dir else None,
                                  allow_remote_images=allow_remote_images, max_images=max_images)

@@ -9,5 +9,13 @@ class ImageError(UserError):
     """An image that cannot be read or is not supported."""
 
 
+class ContextOverflow(UserError):
+    """A prompt longer than the context: n_positions of it, n_ctx room."""
+
+    def __init__(self, message: str, n_positions: int, n_ctx: int):
+        super().__init__(message)
+        self.n_positions, self.n_ctx = n_positions, n_ctx
+
+
 class CheckpointError(UserError):
     """A checkpoint that cannot be found, recognised or loaded."""

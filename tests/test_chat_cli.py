@@ -1,6 +1,7 @@
 """`llava-edge chat` as a user runs it (a real process each time): answers, JSON, the REPL, and every kind of
 bad input ending in exit 2 with one line on stderr, never a traceback or a native abort."""
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -86,6 +87,9 @@ def test_repl_ctrl_c_stops_the_answer_not_the_chat(monkeypatch, capsys):
     class FakeSession:
         def __init__(self):
             self.asked = []
+
+        def while_typing(self):
+            return contextlib.nullcontext()
 
         def set_image(self, image):
             pass
@@ -223,4 +227,5 @@ def test_prompt_longer_than_the_context():
 def test_bad_options():
     assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--device", "npu"), "unknown device")
     assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--max-tokens", "0"), "max tokens")
-    assert_user_error(chat(GREEN, "--json"), "--json needs --prompt")
+    assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--image-tokens", "0"), "positive integer")
+    assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--image-tokens", "64"), "not below the 64 tokens")

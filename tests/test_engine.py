@@ -98,10 +98,48 @@ def test_cancel_frees_the_slot(engine):
 def test_queue_overflow_is_refused_not_crashed():
     eng = Engine.open(config=EngineConfig(parallel=1, queue=1, threads=1))  # not started: nothing is admitted
     long = SamplingConfig(max_tokens=8)
+    for _ in range(3):  # a request that fails in its encode gives its reserved place back
+        with pytest.raises(UserError):
+            eng.generate([Message("user", "q", [b"not an image"])], long)
     ask(eng, IMAGES[0], QUESTIONS[0], long)
     ask(eng, IMAGES[0], QUESTIONS[0], long)  # one free slot + one queue place
+    encodes = []
+    encode = eng.vision.encode
+    eng.vision.encode = lambda *a, **kw: encodes.append(a) or encode(*a, **kw)
     with pytest.raises(EngineBusy):
-        ask(eng, IMAGES[0], QUESTIONS[0], long)
+        ask(eng, IMAGES[1], QUESTIONS[0], long)
+    assert encodes == []  # refused before its image was encoded
+    assert eng.stats()["queued"] == 2
+    eng.close()
+
+
+def test_a_prefill_while_the_user_types_changes_nothing_but_the_wait(serial_answers):
+    eng = Engine.open(config=EngineConfig(parallel=1, threads=1))
+    image, q = IMAGES[2], QUESTIONS[0]
+    prefill = eng.prefill([Message("user", "", [image.read_bytes()])])
+    assert prefill.wait(0) is None  # not started: nothing steps the engine yet
+    eng.start()
+    assert prefill.wait(60).finish_reason == "prefilled" and prefill.answer.text == ""
+    eng.stop()
+    n_prefix = len(eng.slots[0].held)
+    assert n_prefix == prefill.answer.timings.n_prompt_tokens > eng.n_image_tokens  # the prefix ends at the image
+    question = ask(eng, image, q)  # stepped by this thread: the engine's thread is stopped
+    assert "".join(question) == serial_answers[image.name, q]
+    t = question.answer.timings
+    assert t.n_cached == n_prefix and t.n_prefilled == t.n_prompt_tokens - n_prefix < 40
+    eng.close()
+
+
+def test_a_question_asked_during_the_prefill_waits_for_it_and_reuses_it(serial_answers):
+    eng = Engine.open(config=EngineConfig(parallel=1, threads=1, n_batch=16))  # small steps: the prefill takes several
+    image, q = IMAGES[0], QUESTIONS[2]
+    prefill = eng.prefill([Message("user", "", [image.read_bytes()])])
+    eng.step()  # one step of it
+    assert 0 < len(eng.slots[0].held) < prefill.job.keys.__len__()
+    question = ask(eng, image, q)
+    assert "".join(question) == serial_answers[image.name, q]
+    assert prefill.answer.finish_reason == "prefilled"
+    assert question.answer.timings.n_cached == len(prefill.job.keys)
     eng.close()
 
 

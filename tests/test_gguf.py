@@ -37,7 +37,6 @@ from llava_edge.export.gguf_parity import (
 from llava_edge.export.gguf_vocab import chat_template_jinja
 from llava_edge.quant.gguf import quantize_gguf
 from llava_edge.reference.checkpoint import load_checkpoint
-from llava_edge.runtime.decoder import Decoder
 from llava_edge.runtime.llama_loader import open_llama
 from tiny_checkpoints import make_llava
 
@@ -297,12 +296,13 @@ import numpy as np
 from llava_edge.runtime.llama_loader import open_llama
 from llava_edge.runtime.llama_probe import extra_bufts_verdict
 from llava_edge.runtime.decoder import Decoder
+from llava_edge.runtime.executor import Executor, evaluate
 for path in {[str(ggufs['liu-Q4_K_M']), str(ggufs['liu-Q8_0'])]!r}:
-    dec = Decoder(open_llama(path, n_ctx=128, n_batch=32, n_threads=1))
-    dec.eval_tokens(list(range(3, 43)))
-    dec.eval_embeddings(np.random.default_rng(0).standard_normal((40, dec.n_embd)).astype(np.float32))
-    dec.eval_tokens([5, 6])
-    assert dec.n_past == 82 and np.isfinite(dec.logits_last()).all()
+    llm = open_llama(path, n_ctx=128, n_batch=32, n_threads=1)
+    dec = Decoder(llm)
+    image = np.random.default_rng(0).standard_normal((40, dec.n_embd)).astype(np.float32)
+    logits = evaluate(Executor(llm, 32, dec.n_embd, dec.n_vocab), [list(range(3, 43)), image, [5, 6]])
+    assert logits.shape == (82, dec.n_vocab) and np.isfinite(logits).all()
 print("verdict", extra_bufts_verdict())
 import sys; assert "torch" not in sys.modules
 print("ok")
@@ -314,31 +314,6 @@ print("ok")
     assert done.returncode == 0 and "ok" in done.stdout, (done.returncode, done.stderr[-2000:])
     assert (tmp_path / "llava-edge" / "llama_cpp_probe.json").exists()
     print(done.stdout.splitlines()[0])
-
-
-def test_decoder_rejects_what_would_abort_llama_cpp(ggufs):
-    llm = open_llama(ggufs["hf-F32"], n_ctx=32, n_batch=8, f32_kv=True, **THREADS)
-    dec = Decoder(llm)
-    dec.eval_tokens(list(range(3, 23)))
-    with pytest.raises(UserError, match="do not fit"):
-        dec.eval_embeddings(np.zeros((16, dec.n_embd), np.float32))
-    with pytest.raises(UserError, match=r"needs \[n, 256\]"):
-        dec.eval_embeddings(np.zeros((4, 128), np.float32))
-    with pytest.raises(UserError, match=r"needs \[n, 256\]"):
-        dec.eval_embeddings(np.zeros(256, np.float32))
-    with pytest.raises(UserError, match="outside the decoder's vocab"):
-        dec.eval_tokens([HF_VOCAB])
-    assert dec.n_past == 20  # nothing happened
-    dec.eval_embeddings(np.ones((11, dec.n_embd), np.float64))  # float64, 2 chunks of n_batch 8
-    assert dec.n_past == 31 and list(llm.input_ids[20:31]) == [-1] * 11
-    dec.eval_tokens([5])
-    assert dec.n_past == 32 and llm.input_ids[31] == 5 and llm.input_ids[30] == -1
-    with pytest.raises(UserError, match="do not fit"):
-        dec.eval_tokens([5])
-    dec.reset()
-    assert dec.n_past == 0
-    dec.close()
-    llm.close()
 
 
 def test_bad_names_and_interrupted_export(ckpts, tmp_path):

@@ -2,6 +2,8 @@
 them. Line editing and history (kept across sessions in the cache dir), Ctrl-C clears the line, /image with
 a quoted path and with ~, /help, Ctrl-D ends the chat."""
 
+import contextlib
+import json
 import os
 import re
 import select
@@ -29,11 +31,14 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX p
 class Terminal:
     """One `llava-edge chat` process on a pty; `expect` waits for text in the output with escape codes removed."""
 
-    def __init__(self, args: list[str], env: dict[str, str], without_prompt_toolkit: bool = False):
+    def __init__(self, args: list[str], env: dict[str, str], without_prompt_toolkit: bool = False,
+                 code: str | None = None):
         import pty
 
         self.ready = b"USER: " if without_prompt_toolkit else PROMPT_READY  # readline prints the prompt once
         command = ["-c", HIDE_PROMPT_TOOLKIT] if without_prompt_toolkit else ["-m", "llava_edge.cli"]
+        if code is not None:  # python -c code that runs the CLI
+            command = ["-c", code]
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: becomes llava-edge
             # as from a terminal's shell: Ctrl-C interrupts (a parent run in the background, as CI may be, ignores
@@ -212,6 +217,9 @@ def test_ctrl_c_while_an_image_loads_keeps_the_chat(capsys):
         def __init__(self):
             self.images, self.asked = [], []
 
+        def while_typing(self):
+            return contextlib.nullcontext()
+
         def set_image(self, image):
             self.images.append(image)
             if len(self.images) == 2:
@@ -244,6 +252,9 @@ def test_ctrl_c_at_the_prompt_asks_again_and_ctrl_d_ends(capsys):
     class Session:
         asked = []
 
+        def while_typing(self):
+            return contextlib.nullcontext()
+
         def set_image(self, image):
             pass
 
@@ -253,3 +264,79 @@ def test_ctrl_c_at_the_prompt_asks_again_and_ctrl_d_ends(capsys):
 
     chat_module.repl(Session(), GREEN, None, read_line=read_line)
     assert Session.asked == ["question"]
+
+
+# --------------------------------------------------------------------------- the prefill while the user types
+
+# The chat with a decoder as slow as a 7B on a CPU: every decode of image embeddings takes 2 s more, so the image
+# prefix's prefill is still running when the keys below arrive.
+SLOW_DECODER = """
+import time
+from llava_edge.runtime.executor import Executor
+decode = Executor.decode_embeddings
+def slow(self, *args, **kwargs):
+    time.sleep(2.0)
+    return decode(self, *args, **kwargs)
+Executor.decode_embeddings = slow
+from llava_edge.cli import main
+main()
+"""
+
+
+def slow_chat(args: list[str], env: dict[str, str]) -> Terminal:
+    return Terminal(args, env, code=SLOW_DECODER)
+
+
+def test_ctrl_c_image_and_ctrl_d_during_the_prefill(term_env):
+    t = slow_chat(["chat", str(GREEN), "--threads", "1"], term_env)
+    t.prompt(1)
+    t.send(b"half a question\x03")  # Ctrl-C while the prefill runs: the line goes, the chat and the prefill stay
+    t.prompt(2)
+    t.send(b"Describe the image.\r")
+    t.expect("ASSISTANT: A green triangle.")
+    t.prompt(3)
+    t.send(f"/image {TWO}\r".encode())  # a new image while nothing runs; its prefill starts at the prompt
+    t.expect("(new conversation about")
+    t.prompt(4)
+    t.send(b"/image " + str(GREEN).encode() + b"\r")  # and another, during that prefill
+    t.prompt(5)
+    t.send(b"Describe the image.\r")
+    t.expect("ASSISTANT: A green triangle.", count=2)  # about the last image set, not the one being prefilled
+    t.prompt(6)
+    t.send(f"/image {TWO}\r".encode())
+    t.prompt(7)
+    started = time.monotonic()
+    t.send(b"\x04")  # Ctrl-D during a prefill: the chat ends after the step in flight
+    assert t.wait(timeout=30) == 0
+    assert time.monotonic() - started < 10
+    assert "[stopped]" not in t.text() and "Traceback" not in t.text()
+
+
+def test_a_question_typed_after_the_prefill_costs_only_its_own_tokens(term_env):
+    t = slow_chat(["chat", str(GREEN), "--threads", "1", "--json"], term_env)
+    t.prompt(1)
+    time.sleep(6)  # the user types: the prefix (system prompt + image) is prefilled meanwhile
+    t.send(b"Describe the image.\r")
+    t.expect('"answer": "A green triangle."')
+    t.prompt(2)
+    t.send(b"\x04")
+    assert t.wait() == 0
+    line = next(x for x in t.text().splitlines() if x.startswith("{"))
+    out = json.loads(line)
+    timings = out["timings"]
+    assert timings["n_prefilled"] < 40 < timings["n_cached"]  # the image came from the prefill's KV
+    assert timings["ttft_ms"] < 1500  # the 2 s image decodes were paid while the user typed
+    assert timings["image_tokens"] == 64
+
+
+def test_piped_questions_get_one_json_line_each():
+    import subprocess
+
+    lines = f"Describe the image.\n/image {GREEN}\nDescribe the image.\n"
+    done = subprocess.run([sys.executable, "-m", "llava_edge.cli", "chat", str(TWO), "--threads", "1", "--json"],
+                          input=lines, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(x) for x in done.stdout.splitlines()]  # stdout holds the JSON lines and nothing else
+    assert [x["answer"] for x in answers] == ["A red circle and a blue triangle.", "A green triangle."]
+    assert [x["image"] for x in answers] == [str(TWO), str(GREEN)]
+    assert all(x["timings"]["ttft_ms"] > 0 and x["timings"]["image_tokens"] == 64 for x in answers)

@@ -89,9 +89,7 @@ class Edge:
         from ..runtime.vision import EmbeddingCache
 
         self.session.vision.cache = EmbeddingCache()
-        engine = self.session.engine
-        for slot in engine.slots:
-            engine._truncate(slot, 0)
+        self.session.engine.forget()
 
     def turn(self, max_tokens: int) -> dict:
         from ..runtime.sampling import SamplingConfig

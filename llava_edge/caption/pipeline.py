@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..conversation import render_messages
 from ..errors import UserError
-from ..runtime.bundle import DEMO_BUNDLE, open_bundle
+from ..runtime.bundle import DEMO_BUNDLE, default_n_ctx, open_bundle
 from ..runtime.engine import Engine, EngineConfig
 from ..runtime.generation import Generation, Message
 from ..runtime.sampling import SamplingConfig
@@ -84,7 +84,7 @@ def context_per_sequence(bundle, prompt: str, max_tokens: int) -> int:
     sequences of the model's whole context would cost N times its KV cache for nothing."""
     text = render_messages(bundle.template, [("user", prompt, 1)])
     needed = bundle.vision.n_image_tokens + len(text.encode()) + 1 + max_tokens
-    return max(16, min(needed, bundle.n_ctx_train or 4096, 4096))
+    return max(16, min(needed, default_n_ctx(bundle)))
 
 
 def run_caption(cfg: CaptionConfig) -> CaptionSummary:

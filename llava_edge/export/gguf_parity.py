@@ -2,7 +2,7 @@
 
 `decoder_parity` feeds the same sequence to both: text positions as token ids (llama.cpp looks them up
 in the GGUF's own embedding table), image positions as the reference's projected image embeddings
-(through `runtime.decoder.Decoder.eval_embeddings`), and compares the logits at every position.
+(through the engine's own batch filler, `runtime.executor`), and compares the logits at every position.
 The reference runs streamed (`reference.streamed`: one decoder layer at a time in fp32, from the weights
 as loaded, memory-mapped), so a 7B decoder is measured with about a gigabyte of its own memory, and the
 comparison runs over blocks of positions (float64 over the whole [T, vocab] would be gigabytes too).
@@ -20,6 +20,7 @@ import torch
 
 from ..reference.streamed import streamed_reference_logits
 from ..runtime.decoder import Decoder
+from ..runtime.executor import Executor, evaluate
 from ..runtime.llama_loader import open_llama
 
 # Text that trips tokenizers: runs of spaces, newlines, tabs, accents, CJK, emoji, digits, markup.
@@ -66,19 +67,15 @@ def gguf_logits(
     parts = split_at_images(input_ids, image_token_id)
     n_positions = sum(len(p) if isinstance(p, list) else len(image_embeds[p]) for p in parts)
     llm = open_llama(
-        gguf_path, n_ctx=n_positions, n_batch=n_batch, n_threads=n_threads, f32_kv=f32_kv, logits_all=True,
+        gguf_path, n_ctx=n_positions, n_batch=n_batch, n_threads=n_threads, f32_kv=f32_kv,
         extra_bufts=extra_bufts,
     )
     decoder = Decoder(llm)
+    executor = Executor(llm, llm.n_batch, decoder.n_embd, decoder.n_vocab)
     try:
-        for part in parts:
-            if isinstance(part, list):
-                decoder.eval_tokens(part)
-            else:
-                decoder.eval_embeddings(image_embeds[part])
-        return decoder.logits_all_positions()
+        return evaluate(executor, [p if isinstance(p, list) else image_embeds[p] for p in parts])
     finally:
-        decoder.close()
+        executor.close()
         llm.close()
 
 

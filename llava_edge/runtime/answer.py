@@ -18,6 +18,7 @@ class Timings:
     n_generated: int = 0
     image_cached: bool = False
     kv_restored: bool = False  # the image prefix came from the on-disk KV cache
+    image_tokens: int = 0  # positions each image took (all of the tower's, or the --image-tokens budget)
 
 
 @dataclass

@@ -98,6 +98,11 @@ class VisionSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     aspect: str
+    image_tokens_input: str | None = None  # the graph input that takes a token budget (None: all tokens only)
+
+    @property
+    def reducible(self) -> bool:
+        return self.image_tokens_input is not None
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,7 @@ def open_bundle(bundle_dir: str | os.PathLike, verify: bool = True) -> Bundle:
     vision = VisionSpec(
         precision=v["precision"], image_size=v["image_size"], patch_size=v["patch_size"],
         n_image_tokens=v["n_image_tokens"], mean=tuple(float(x) for x in v["mean"]),
-        std=tuple(float(x) for x in v["std"]), aspect=v["aspect"],
+        std=tuple(float(x) for x in v["std"]), aspect=v["aspect"], image_tokens_input=v.get("image_tokens_input"),
     )
     return Bundle(
         path=bundle_dir, manifest=m,
@@ -133,3 +138,11 @@ def open_bundle(bundle_dir: str | os.PathLike, verify: bool = True) -> Bundle:
         vision=vision, n_embd=d["n_embd"], n_ctx_train=d["n_ctx_train"], quant=d["quant"],
         bos_id=d["bos_id"], eos_id=d["eos_id"], template=m["template"], domain=m.get("domain"),
     )
+
+
+MAX_DEFAULT_N_CTX = 4096  # N sequences of a longer trained context would cost N times its KV cache for nothing
+
+
+def default_n_ctx(bundle: Bundle) -> int:
+    """Positions per sequence when none are asked for: the model's trained context, at most 4096."""
+    return min(bundle.n_ctx_train or MAX_DEFAULT_N_CTX, MAX_DEFAULT_N_CTX)

@@ -1,82 +1,45 @@
 """The decoder engine: one llama.cpp context, N sequences, continuous batching, prefix reuse. No torch.
 
-A request is a chat (messages with images) rendered exactly as the reference renders it, as a list of
-positions: token ids, and image slots tagged with the image's content hash. Each slot (one llama.cpp
-sequence) remembers the positions its KV holds; a new request takes the free slot sharing the longest
-prefix with its prompt and evaluates only the rest, never resuming inside an image.
+The parts, each in its own file: `prompt` renders a chat as positions and checks it; `scheduler` (pure) keeps the
+queue and the slots and plans each step; `executor` fills llama.cpp's batches and owns the KV; `generation` is one
+request's answer. The engine glues them: it encodes the images, runs the plan, draws the tokens.
 
-Each `step` packs into one `llama_decode` the next token of every decoding sequence plus prefill chunks of
-the waiting ones (text), then at most one chunk of image embeddings (a `llama_batch` carries either tokens
-or embeddings). Everything llama.cpp would abort on (batch size, token ids, embedding shapes, room in the
-sequence) is checked here first. `start()` runs the steps on a thread (serve, caption); without it the
-consumer of a Generation steps the engine itself (chat), so Ctrl-C lands in the caller's thread.
+`start()` runs the steps on a thread (serve, caption); without it the consumer of a Generation steps the engine
+itself (chat), so Ctrl-C lands in the caller's thread.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-
 import llama_cpp
-import numpy as np
 
-from ..conversation import IMAGE_TOKEN_INDEX, render_messages, stop_strings, tokenize_prompt
-from ..errors import UserError
+from ..conversation import stop_strings
+from ..errors import ContextOverflow, UserError
 from .answer import Timings
-from .bundle import DEMO_BUNDLE, Bundle, open_bundle
+from .bundle import DEMO_BUNDLE, Bundle, default_n_ctx, open_bundle
 from .decoder import Decoder
-from .generation import Generation, Key, Message
+from .engine_config import EngineConfig
+from .executor import Executor
+from .generation import Generation
 from .llama_loader import open_llama
 from .prefix_state import PrefixStates
-from .sampling import SamplingConfig, sample_token
+from .prompt import Message, PromptRenderer, check_messages
+from .sampling import SamplingConfig
+from .scheduler import Job, QueueFull, Scheduler, Slot, StepPlan, prefill_budget
 from .vision import EmbeddingCache, EncodedImage, VisionEncoder
 
-ROLES = ("system", "user", "assistant")
-
-
-@dataclass
-class EngineConfig:
-    parallel: int = 1  # sequences (slots) in the one context
-    n_ctx: int | None = None  # positions per sequence (default: the model's trained context, at most 4096)
-    n_batch: int = 512  # most positions in one llama_decode
-    threads: int | None = None
-    queue: int = 16  # requests that may wait for a slot; one more is refused (EngineBusy)
-    device: str = "auto"  # vision: auto|cpu|cuda|tensorrt
-    f32_kv: bool = False
-    image_cache_dir: str | None = None  # image embeddings as .npy files too
-    kv_cache_dir: str | None = None  # KV state after the image prefix, on disk
-
-    def __post_init__(self):
-        for name in ("parallel", "n_batch", "queue"):
-            if getattr(self, name) < (0 if name == "queue" else 1):
-                raise UserError(f"{name.replace('_', '-')} must be at least {0 if name == 'queue' else 1}")
-        if self.n_ctx is not None and self.n_ctx < 16:
-            raise UserError(f"n-ctx must be at least 16 (got {self.n_ctx})")
-
-
-class EngineBusy(Exception):
-    """Every slot is busy and the queue is full: try again later."""
-
-
-@dataclass
-class _Slot:
-    seq: int
-    held: list[Key] = field(default_factory=list)  # what this sequence's KV holds, position by position
-    gen: Generation | None = None
-    last_used: float = 0.0
-    last_logits: np.ndarray | None = None
+EngineBusy = QueueFull  # the name the server and caption know it by
+__all__ = ["Engine", "EngineBusy", "EngineConfig"]
 
 
 class Engine:
     def __init__(self, bundle: Bundle, vision: VisionEncoder, llm: llama_cpp.Llama, config: EngineConfig,
                  n_ctx_seq: int):
         self.bundle, self.vision, self.llm, self.config = bundle, vision, llm, config
-        self.decoder = Decoder(llm)  # tokenizer, token pieces, vocab and n_embd checks
+        self.decoder = Decoder(llm)  # tokenizer, token pieces, vocab and n_embd
         if self.decoder.n_embd != bundle.n_embd or vision.n_embd != bundle.n_embd:
             raise UserError(f"{bundle.path}: the decoder takes n_embd {self.decoder.n_embd}, the manifest says "
                             f"{bundle.n_embd} and the vision graph gives {vision.n_embd}")
@@ -84,20 +47,18 @@ class Engine:
         self.n_batch = min(config.n_batch, llm.n_batch)
         self.n_image_tokens = bundle.vision.n_image_tokens
         self.stops = stop_strings(bundle.template)
-        self.specials = {"</s>": bundle.eos_id}
-        self.slots = [_Slot(i) for i in range(config.parallel)]
-        self.image_cache_hits = 0
-        self._waiting: deque[Generation] = deque()
-        self._lock = threading.Lock()  # the waiting queue and slot ownership
-        self._step_lock = threading.Lock()  # one stepper at a time: llama.cpp's context is not thread-safe
-        self._wakeup = threading.Condition(self._lock)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self._memory = llama_cpp.llama_get_memory(llm.ctx)
+        self.renderer = PromptRenderer(bundle.template, self.decoder.tokenize, bundle.bos_id, bundle.eos_id,
+                                       self.decoder.n_vocab, self.decoder.n_embd, self.n_image_tokens)
+        self.scheduler = Scheduler(config.parallel, config.queue, self.n_batch)
+        self.executor = Executor(llm, self.n_batch, self.decoder.n_embd, self.decoder.n_vocab)
         self.prefix_states = PrefixStates(config.kv_cache_dir, llm, bundle.manifest["files"]["decoder"]["sha256"],
                                           bundle.template, config.f32_kv) if config.kv_cache_dir else None
-        self._tokens = self._batch(0)
-        self._embeds = self._batch(self.decoder.n_embd)
+        self.image_cache_hits = 0
+        self.seconds_per_position: float | None = None  # measured prefill speed, for the step budget
+        self._step_lock = threading.Lock()  # one stepper at a time: llama.cpp's context is not thread-safe
+        self._wakeup = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
 
     @classmethod
     def open(cls, bundle_dir: str | os.PathLike | None = None, config: EngineConfig | None = None,
@@ -106,7 +67,7 @@ class Engine:
         config = config or EngineConfig()
         bundle = open_bundle(bundle_dir or DEMO_BUNDLE, verify=verify)
         vision = VisionEncoder(bundle, config.device, config.threads, EmbeddingCache(disk_dir=config.image_cache_dir))
-        n_ctx_seq = config.n_ctx or min(bundle.n_ctx_train or 4096, 4096)
+        n_ctx_seq = config.n_ctx or default_n_ctx(bundle)
         # llama.cpp pads the whole context to a multiple of 256 and splits it evenly: give each sequence a
         # multiple of 256 so the split is exact (the engine still holds each to n_ctx_seq)
         per_sequence = -(-n_ctx_seq // 256) * 256
@@ -114,69 +75,64 @@ class Engine:
                          n_batch=config.n_batch, f32_kv=config.f32_kv, n_seq_max=config.parallel)
         return cls(bundle, vision, llm, config, n_ctx_seq)
 
-    # ------------------------------------------------------------------ requests
+    @property
+    def slots(self) -> list[Slot]:
+        return self.scheduler.slots
 
-    def generate(self, messages: list[Message], sampling: SamplingConfig | None = None) -> Generation:
-        """Queue a chat for an answer; images are encoded here (or come from the cache)."""
-        sampling = sampling or SamplingConfig()
+    # ------------------------------------------------------------------ requests (any thread)
+
+    def generate(self, messages: list[Message], sampling: SamplingConfig | None = None,
+                 image_tokens: int | None = None) -> Generation:
+        """Queue a chat for an answer. The queue place is taken first (EngineBusy when there is none), then the
+        images are encoded here (or come from the cache), with image_tokens tokens each (None: all)."""
+        return self._queue(messages, sampling or SamplingConfig(), image_tokens, prefill_only=False)
+
+    def prefill(self, messages: list[Message], image_tokens: int | None = None) -> Generation:
+        """Evaluate a chat's positions up to the end of its last image into a slot's KV and draw nothing (finish
+        reason "prefilled"): a question asked after it about the same image evaluates only its own tokens (the
+        chat's prefill while the user types). The text after the last image is not evaluated."""
+        return self._queue(messages, SamplingConfig(max_tokens=1), image_tokens, prefill_only=True)
+
+    def _queue(self, messages, sampling, image_tokens, prefill_only) -> Generation:
         t_start = time.perf_counter()
-        timings = Timings()
-        keys, images = self._prompt(messages, timings)
-        timings.n_prompt_tokens = len(keys)
-        if len(keys) >= self.n_ctx_seq:
-            raise UserError(f"the prompt is {len(keys)} positions (each image takes {self.n_image_tokens}); "
-                            f"the context holds {self.n_ctx_seq}: shorten the conversation (/reset in the chat) or "
-                            "use a larger --n-ctx")
-        gen = Generation(self, keys, images, sampling, self.stops + list(sampling.stop), timings, t_start)
-        with self._lock:
-            free = sum(s.gen is None for s in self.slots)
-            if len(self._waiting) >= self.config.queue + free:
-                raise EngineBusy(f"all {len(self.slots)} slots are busy and {len(self._waiting) - free} requests wait")
-            self._waiting.append(gen)
-            self._wakeup.notify()
+        image_tokens = image_tokens if image_tokens is not None else self.config.image_tokens
+        check_messages(messages)
+        self.scheduler.reserve()
+        try:
+            timings = Timings(image_tokens=image_tokens or self.n_image_tokens)
+            encoded = [self._encode(source, image_tokens, timings) for m in messages for source in m.images]
+            prompt = self.renderer.render(messages, encoded)
+            if prefill_only:
+                if not prompt.images:
+                    raise UserError("nothing to prefill: the conversation has no image")
+                prompt = prompt.upto_last_image()
+            timings.n_prompt_tokens = len(prompt.keys)
+            if len(prompt.keys) >= self.n_ctx_seq:
+                raise ContextOverflow(
+                    f"the prompt is {len(prompt.keys)} positions (each image takes {self.n_image_tokens}); the "
+                    f"context holds {self.n_ctx_seq}: shorten the conversation (/reset in the chat) or use a larger "
+                    "--n-ctx", n_positions=len(prompt.keys), n_ctx=self.n_ctx_seq)
+        except BaseException:
+            self.scheduler.unreserve()
+            raise
+        gen = Generation(self, prompt.images, sampling, self.stops + list(sampling.stop), timings, t_start)
+        gen.job = Job(prompt.keys, prompt.image_spans, prefill_only, owner=gen)
+        self.scheduler.submit(gen.job)
+        self._wake()
         return gen
 
-    def _prompt(self, messages: list[Message], timings: Timings) -> tuple[list[Key], dict[int, np.ndarray]]:
-        """The reference's prompt as positions, and each image's embeddings by its first position."""
-        if not messages:
-            raise UserError("the conversation has no messages")
-        encoded: list[EncodedImage] = []
-        for m in messages:
-            if m.role not in ROLES:
-                raise UserError(f"unknown message role {m.role!r} (expected system, user or assistant)")
-            if m.images and m.role != "user":
-                raise UserError("images can only be in user messages")
-            for source in m.images:
-                if isinstance(source, EncodedImage):  # encoded by the caller, who reports its cost
-                    encoded.append(source)
-                    continue
-                image = self.vision.encode(source)
-                self.image_cache_hits += image.cached
-                timings.vision_ms += image.vision_ms
-                timings.image_cached = timings.image_cached or image.cached
-                encoded.append(image)
-        prompt = render_messages(self.bundle.template, [(m.role, m.text, len(m.images)) for m in messages])
-        ids = tokenize_prompt(prompt, self.decoder.tokenize, self.bundle.bos_id, IMAGE_TOKEN_INDEX, self.specials)
-        if ids.count(IMAGE_TOKEN_INDEX) != len(encoded):  # an "<image>" typed in the text would shift the images
-            raise UserError("the text contains '<image>'; send images as image parts instead")
-        keys: list[Key] = []
-        images: dict[int, np.ndarray] = {}
-        n_image = 0
-        for t in ids:
-            if t != IMAGE_TOKEN_INDEX:
-                keys.append(int(t))
-                continue
-            image = encoded[n_image]
-            n_image += 1
-            if image.embeds.shape != (self.n_image_tokens, self.decoder.n_embd):
-                raise UserError(f"image embeddings have shape {image.embeds.shape}; the decoder needs "
-                                f"[{self.n_image_tokens}, {self.decoder.n_embd}]")
-            images[len(keys)] = image.embeds
-            keys.extend(("image", image.sha256, i) for i in range(self.n_image_tokens))
-        bad = [k for k in keys if isinstance(k, int) and not 0 <= k < self.decoder.n_vocab]
-        if bad:
-            raise UserError(f"token id {bad[0]} is outside the decoder's vocab of {self.decoder.n_vocab}")
-        return keys, images
+    def _encode(self, source, image_tokens: int | None, timings: Timings) -> EncodedImage:
+        if isinstance(source, EncodedImage):  # encoded by the caller, who reports its cost
+            return source
+        image = self.vision.encode(source) if image_tokens is None else self.vision.encode(source, image_tokens)
+        self.image_cache_hits += image.cached
+        timings.vision_ms += image.vision_ms
+        timings.image_cached = timings.image_cached or image.cached
+        return image
+
+    def cancel(self, gen: Generation, reason: str) -> None:
+        self.scheduler.cancel(gen.job, reason)
+        self._wake()
 
     # ------------------------------------------------------------------ stepping
 
@@ -185,11 +141,21 @@ class Engine:
         return self._thread is not None
 
     def start(self) -> None:
-        """Run the steps on a background thread (several concurrent users)."""
+        """Run the steps on a background thread (several concurrent users; the chat's prefill while typing)."""
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="llava-edge-engine", daemon=True)
             self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread after its current step; requests stay where they are, and whoever
+        iterates a Generation steps the engine again."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -199,228 +165,121 @@ class Engine:
                 print(f"llava-edge: engine step failed: {e}", file=sys.stderr)
                 busy = True
             if not busy:
-                with self._lock:
-                    if not self._stopping and not self._waiting:
+                with self._wakeup:
+                    if not self._stopping and not self.scheduler.has_waiting:
                         self._wakeup.wait(0.5)
 
     def _wake(self) -> None:
-        with self._lock:
+        with self._wakeup:
             self._wakeup.notify()
 
     def step(self) -> bool:
         """One round: admit waiting requests, drop cancelled ones, one decode of tokens (+ one of image
-        embeddings), sample. Returns whether there was anything to do."""
+        embeddings), draw. Returns whether there was anything to do."""
         with self._step_lock:
             self._admit()
-            for slot in self.slots:
-                if slot.gen is not None and slot.gen._cancel is not None:
-                    self._release(slot, slot.gen._cancel)
-            active = [s for s in self.slots if s.gen is not None]
+            for slot in self.scheduler.cancelled():
+                self._release(slot, slot.job.cancel_reason)
+            active = self.scheduler.active()
             if not active:
                 return False
-            before = {s.seq: len(s.held) for s in active}
+            budget = prefill_budget(self.n_batch, self.seconds_per_position, self.config.step_seconds,
+                                    decoding=any(s.job.decoding for s in active),
+                                    background=any(s.job.prefill_only for s in active))
+            plan = self.scheduler.plan(budget)
             try:
-                self._decode_round(active)
+                self._execute(plan)
             except BaseException as e:
                 # A decode may or may not have happened: cut each sequence back to what it surely holds.
                 for s in active:
-                    self._truncate(s, min(before[s.seq], len(s.held)))
-                    if s.gen is not None and not isinstance(e, KeyboardInterrupt):
-                        s.gen.error = f"llama.cpp decode failed: {e}"
-                        self._release(s, "error")
-                    elif s.gen is not None:
-                        self._release(s, "interrupted")
+                    self.executor.truncate(s.seq, len(s.held))
+                    if s.job is not None:
+                        if not isinstance(e, KeyboardInterrupt):
+                            s.job.owner.error = f"llama.cpp decode failed: {e}"
+                        self._release(s, "interrupted" if isinstance(e, KeyboardInterrupt) else "error")
                 raise
+            for s in active:
+                if s.job is not None and s.job.prefill_only and s.job.prefilled:
+                    self._release(s, "prefilled")
             return True
 
     def _admit(self) -> None:
-        admitted = []
-        with self._lock:
-            while self._waiting:
-                free = [s for s in self.slots if s.gen is None]
-                if not free:
-                    break
-                gen = self._waiting.popleft()
-                if gen._cancel is not None:
-                    gen.finish(gen._cancel)
-                    continue
-                slot = max(free, key=lambda s: (_common_prefix(s.held, gen.keys), -s.last_used))
-                slot.gen, gen.slot = gen, slot
-                admitted.append(slot)
-        # Outside the queue lock: the slot is ours, and only the stepping thread touches the KV.
-        for slot in admitted:
-            gen = slot.gen
-            keep = min(_common_prefix(slot.held, gen.keys), len(gen.keys) - 1)
-            for start in gen.images:  # never resume inside an image
-                if start < keep < start + self.n_image_tokens:
-                    keep = start
-            self._truncate(slot, keep)
-            end = _prefix_end(gen, self.n_image_tokens)
-            if self.prefix_states is not None and gen.images and keep < end:
-                restored = self.prefix_states.restore(slot.seq, gen.keys[:end])
+        admitted, dropped = self.scheduler.admit()
+        for job in dropped:
+            job.owner.finish(job.cancel_reason)
+        for a in admitted:
+            self.executor.truncate(a.slot.seq, a.keep)
+            restored = None
+            end = a.job.first_image_end()
+            if self.prefix_states is not None and end and a.keep < end:
+                restored = self.prefix_states.restore(a.slot.seq, a.job.keys[:end])
                 if restored is not None:
-                    slot.held, keep = (list(gen.keys[:end]), end) if restored else ([], 0)
-                    gen.timings.kv_restored = restored
-            gen.cursor = keep
-            gen.timings.n_cached = keep
-            gen.timings.n_prefilled = len(gen.keys) - keep
-            gen.t_prefill = time.perf_counter()
+                    self.scheduler.restored(a.slot, end if restored else 0)
+            a.job.owner.started(a.job.cursor, len(a.job.keys) - a.job.cursor, bool(restored))
 
-    def _decode_round(self, active: list[_Slot]) -> None:
-        tokens: list[tuple[_Slot, int, bool]] = []  # (slot, token id, wants logits)
-        for s in active:
-            if s.gen.pending is not None:
-                tokens.append((s, s.gen.pending, True))
-        budget = self.n_batch - len(tokens)
-        image_chunk = None  # (slot, first position, end): one image chunk per step, after the tokens
-        for s in sorted((s for s in active if s.gen.pending is None), key=lambda s: s.gen.t_prefill):
-            gen, keys = s.gen, s.gen.keys
-            i = gen.cursor
-            while budget > 0 and i < len(keys) and not isinstance(keys[i], tuple):
-                tokens.append((s, keys[i], i == len(keys) - 1))
-                budget -= 1
-                i += 1
-            if budget > 0 and image_chunk is None and i < len(keys) and isinstance(keys[i], tuple):
-                start = _span_start(gen, i, self.n_image_tokens)
-                end = min(start + self.n_image_tokens, i + budget)
-                image_chunk = (s, i, end)
-                budget -= end - i
-        if tokens:
-            self._decode_tokens(tokens)
-        if image_chunk is not None:
-            self._decode_image_chunk(*image_chunk)
+    def _execute(self, plan: StepPlan) -> None:
+        t0 = time.perf_counter()
+        if plan.tokens:
+            self.executor.decode_tokens([(e.slot.seq, e.pos, e.token, e.wants_logits) for e in plan.tokens])
+            self.scheduler.commit_tokens(plan)
+            for row, e in enumerate(plan.tokens):
+                if e.wants_logits:
+                    self._draw(e.slot, row)
+        if plan.image is not None:
+            c = plan.image
+            gen = c.slot.job.owner
+            embeds = gen.images[c.span_start][c.begin - c.span_start:c.end - c.span_start]
+            self.executor.decode_embeddings(c.slot.seq, c.pos, embeds, c.wants_logits)
+            self.scheduler.commit_image(plan)
+            if self.prefix_states is not None and c.end == c.slot.job.first_image_end():
+                self.prefix_states.save(c.slot.seq, c.slot.job.keys[:c.end])
+            if c.wants_logits:
+                self._draw(c.slot, c.end - c.begin - 1)
+        n = len(plan.tokens) + (plan.image.end - plan.image.begin if plan.image else 0)
+        if n >= 16:  # steps of a few decode tokens say little about prefill speed
+            seconds = (time.perf_counter() - t0) / n
+            old = self.seconds_per_position
+            self.seconds_per_position = seconds if old is None else 0.7 * old + 0.3 * seconds
 
-    def _decode_tokens(self, entries: list[tuple[_Slot, int, bool]]) -> None:
-        batch = self._tokens
-        for n, (s, token, wants) in enumerate(entries):
-            batch.token[n] = token
-            batch.pos[n] = len(s.held)
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = s.seq
-            batch.logits[n] = wants
-            s.held.append(token)
-            if s.gen.pending is None:
-                s.gen.cursor += 1
-        batch.n_tokens = len(entries)
-        self._decode(batch)
-        for n, (s, token, wants) in enumerate(entries):
-            if wants:
-                s.gen.pending = None
-                self._sample(s, n)
+    def _draw(self, slot: Slot, row: int) -> None:
+        gen = slot.job.owner
+        token, reason = gen.draw(self.executor.logits(row), self.bundle.eos_id, self.decoder.piece,
+                                 self.n_ctx_seq - len(slot.held))
+        if reason is not None:
+            self._release(slot, reason)
+        else:
+            self.scheduler.feed(slot, token)
 
-    def _decode_image_chunk(self, s: _Slot, begin: int, end: int) -> None:
-        gen = s.gen
-        start = _span_start(gen, begin, self.n_image_tokens)
-        chunk = np.ascontiguousarray(gen.images[start][begin - start : end - start], dtype=np.float32)
-        batch = self._embeds
-        m = chunk.shape[0]
-        ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
-        for n in range(m):
-            batch.pos[n] = len(s.held) + n
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = s.seq
-            batch.logits[n] = 0
-        last = end == len(gen.keys)
-        batch.logits[m - 1] = last
-        batch.n_tokens = m
-        s.held.extend(gen.keys[begin:end])
-        gen.cursor = end
-        self._decode(batch)
-        if self.prefix_states is not None and end == _prefix_end(gen, self.n_image_tokens):
-            self.prefix_states.save(s.seq, gen.keys[:end])
-        if last:
-            self._sample(s, m - 1)
-
-    def _decode(self, batch) -> None:
-        rc = llama_cpp.llama_decode(self.llm.ctx, batch)
-        if rc != 0:
-            raise RuntimeError(f"llama_decode of {batch.n_tokens} positions returned {rc}")
-
-    def _sample(self, s: _Slot, index: int) -> None:
-        """Draw the next token of slot s from row `index` of the last decode's logits."""
-        gen = s.gen
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, index),
-                                       shape=(self.decoder.n_vocab,))
-        s.last_logits = logits.copy()
-        now = time.perf_counter()
-        t = gen.timings
-        if not gen.t_first:
-            gen.t_first = now
-            t.prefill_ms = 1000 * (now - gen.t_prefill)
-            t.ttft_ms = 1000 * (now - gen.t_start)
-        token = sample_token(s.last_logits, gen.sampling.temperature, gen.sampling.top_p, gen.rng)
-        if token == self.bundle.eos_id and not gen.sampling.ignore_eos:
-            return self._release(s, "stop")
-        t.n_generated += 1
-        gen.emit(gen.text.add(self.decoder.piece(token)))
-        if gen.text.stopped:
-            return self._release(s, "stop")
-        if t.n_generated >= gen.sampling.max_tokens or len(s.held) >= self.n_ctx_seq:
-            return self._release(s, "length")
-        gen.pending = token
-
-    def _release(self, s: _Slot, reason: str) -> None:
-        gen, s.gen = s.gen, None
-        s.last_used = time.perf_counter()
-        if gen is not None:
-            gen.pending = None
+    def _release(self, slot: Slot, reason: str) -> None:
+        job = self.scheduler.release(slot)
+        if job is not None:
+            gen = job.owner
+            if reason == "prefilled":
+                gen.timings.prefill_ms = 1000 * (time.perf_counter() - gen.t_prefill)
             gen.finish(reason)
 
-    def _truncate(self, s: _Slot, keep: int) -> None:
-        llama_cpp.llama_memory_seq_rm(self._memory, s.seq, keep, -1)
-        del s.held[keep:]
+    def forget(self) -> None:
+        """Empty every free slot's KV (benchmarks: the next request starts cold)."""
+        with self._step_lock:
+            for slot in self.slots:
+                if slot.job is None:
+                    self.executor.truncate(slot.seq, 0)
+                    self.scheduler.truncate(slot, 0)
 
     # ------------------------------------------------------------------ state
 
     def stats(self) -> dict:
-        with self._lock:
-            return {"slots": len(self.slots), "busy": sum(s.gen is not None for s in self.slots),
-                    "queued": len(self._waiting), "image_cache_hits": self.image_cache_hits,
-                    "image_cache_entries": len(self.vision.cache)}
+        return {**self.scheduler.counts(), "image_cache_hits": self.image_cache_hits,
+                "image_cache_entries": len(self.vision.cache)}
 
     def close(self) -> None:
         """Stop stepping; unfinished answers end as "cancelled"; free the context."""
-        with self._lock:
-            self._stopping = True
-            waiting, self._waiting = list(self._waiting), deque()
-            self._wakeup.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self.stop()
         with self._step_lock:
-            for gen in waiting:
-                gen.finish("cancelled")
+            for job in self.scheduler.clear_waiting():
+                job.owner.finish("cancelled")
             for s in self.slots:
-                if s.gen is not None:
+                if s.job is not None:
                     self._release(s, "cancelled")
-            for batch in (self._tokens, self._embeds):
-                if batch is not None:
-                    llama_cpp.llama_batch_free(batch)
-            self._tokens = self._embeds = None
-            self.decoder.close()
+            self.executor.close()
             self.llm.close()
-
-    def _batch(self, n_embd: int):
-        return llama_cpp.llama_batch_init(self.n_batch, n_embd, 1)
-
-
-def _common_prefix(a: list[Key], b: list[Key]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _prefix_end(gen: Generation, n_image_tokens: int) -> int:
-    """The position after the first image: the prompt prefix whose KV the disk cache keeps."""
-    return min(gen.images) + n_image_tokens if gen.images else 0
-
-
-def _span_start(gen: Generation, i: int, n_image_tokens: int) -> int:
-    """The first position of the image span that holds position i."""
-    for start in gen.images:
-        if start <= i < start + n_image_tokens:
-            return start
-    raise KeyError(i)

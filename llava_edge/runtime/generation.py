@@ -1,7 +1,8 @@
-"""One request to the engine: the chat it answers (messages with images), and its answer as it is made.
+"""One request to the engine, and its answer as it is made.
 
 A Generation is iterated for text pieces by whoever asked (a server thread, the chat loop); the engine's
-stepping thread feeds it. Without a stepping thread, iterating steps the engine in the caller's thread.
+stepping thread feeds it through its public methods. Without a stepping thread, iterating steps the engine in the
+caller's thread, so Ctrl-C lands there. Where the request stands in the prompt is the scheduler's (its Job).
 """
 
 from __future__ import annotations
@@ -9,43 +10,31 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Union
 
 import numpy as np
 
 from .answer import Answer, AnswerText, Timings
-from .sampling import SamplingConfig
-
-Key = Union[int, tuple]  # a position: a token id, or ("image", sha256, index) for an image slot
-
-
-@dataclass
-class Message:
-    role: str  # "system" | "user" | "assistant"
-    text: str
-    images: list = field(default_factory=list)  # user messages: paths, bytes or EncodedImage, in part order
-
+from .prompt import Message  # noqa: F401  (re-exported: callers build requests from Messages)
+from .sampling import SamplingConfig, sample_token
+from .scheduler import Key  # noqa: F401
 
 
 class Generation:
     """One request's answer as it is made: iterate for text pieces; `answer` once it has finished."""
 
-    def __init__(self, engine, keys: list[Key], images: dict[int, np.ndarray], sampling: SamplingConfig,
-                 stops: list[str], timings: Timings, t_start: float):
-        self.engine, self.keys, self.images, self.sampling = engine, keys, images, sampling
-        self.timings, self.t_start = timings, t_start
+    def __init__(self, engine, images: dict[int, np.ndarray], sampling: SamplingConfig, stops: list[str],
+                 timings: Timings, t_start: float):
+        self.engine, self.sampling, self.timings, self.t_start = engine, sampling, timings, t_start
+        self.images = images  # first prompt position of each image -> its embeddings
+        self.job = None  # the scheduler's view of this request, set by the engine when it is queued
         self.text = AnswerText(stops)
         self.rng = np.random.default_rng(sampling.seed)
         self.answer: Answer | None = None
         self.error: str | None = None
-        self.slot = None  # the engine's slot while it is being answered
-        self.cursor = 0  # next prompt position to evaluate
-        self.pending: int | None = None  # sampled token, fed to the KV by the next step
+        self.last_logits: np.ndarray | None = None
         self.t_prefill = self.t_first = 0.0
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._done = threading.Event()
-        self._cancel: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -54,8 +43,7 @@ class Generation:
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop this answer (thread-safe); its slot is free again after at most one step."""
         if not self._done.is_set():
-            self._cancel = reason
-            self.engine._wake()
+            self.engine.cancel(self, reason)
 
     def wait(self, timeout: float | None = None) -> Answer | None:
         self._done.wait(timeout)
@@ -82,6 +70,34 @@ class Generation:
             raise
         if self.error is not None:
             raise RuntimeError(self.error)
+
+    # ------------------------------------------------------------------ fed by the stepping thread
+
+    def started(self, n_cached: int, n_prefilled: int, kv_restored: bool = False) -> None:
+        """Admitted: n_cached prompt positions come from the KV, n_prefilled are evaluated now."""
+        t = self.timings
+        t.n_cached, t.n_prefilled, t.kv_restored = n_cached, n_prefilled, t.kv_restored or kv_restored
+        self.t_prefill = time.perf_counter()
+
+    def draw(self, logits: np.ndarray, eos_id: int, piece, room_left: int) -> tuple[int | None, str | None]:
+        """The next token from these logits: (token to evaluate next, None) or (None, finish reason)."""
+        self.last_logits = logits
+        now = time.perf_counter()
+        t = self.timings
+        if not self.t_first:
+            self.t_first = now
+            t.prefill_ms = 1000 * (now - self.t_prefill)
+            t.ttft_ms = 1000 * (now - self.t_start)
+        token = sample_token(logits, self.sampling.temperature, self.sampling.top_p, self.rng)
+        if token == eos_id and not self.sampling.ignore_eos:
+            return None, "stop"
+        t.n_generated += 1
+        self.emit(self.text.add(piece(token)))
+        if self.text.stopped:
+            return None, "stop"
+        if t.n_generated >= self.sampling.max_tokens or room_left <= 0:
+            return None, "length"
+        return token, None
 
     def emit(self, piece: str) -> None:
         if piece:

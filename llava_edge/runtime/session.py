@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -23,13 +24,18 @@ from .vision import EncodedImage
 
 
 class ChatSession:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, image_tokens: int | None = None):
         self.engine = engine
         self.bundle, self.vision = engine.bundle, engine.vision
+        self.image_tokens = image_tokens  # None: every image token (the reference)
         self.image: EncodedImage | None = None
+        self.image_path = None  # what set_image was given, when it was a path
         self._image_fresh = False  # the image's encode time has not been reported by a turn yet
+        self._paid_ahead = False  # the image was encoded and prefilled before the question was asked
+        self._prefill = None  # the Generation prefilling the image prefix, while it runs
         self.turns: list[tuple[str, str]] = []
         self.last: Answer | None = None
+        self.last_generation = None
 
     @classmethod
     def open(
@@ -42,20 +48,49 @@ class ChatSession:
         cache_dir: str | os.PathLike | None = None,
         verify: bool = True,
         kv_cache_dir: str | os.PathLike | None = None,
+        image_tokens: int | None = None,
     ) -> ChatSession:
         """Load a bundle (default: the demo bundle in the package) for chatting."""
         config = EngineConfig(parallel=1, n_ctx=n_ctx, threads=threads, device=device, f32_kv=f32_kv,
                               image_cache_dir=str(cache_dir) if cache_dir else None,
                               kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
-        return cls(Engine.open(bundle_dir, config, verify=verify))
+        return cls(Engine.open(bundle_dir, config, verify=verify), image_tokens)
 
     # ------------------------------------------------------------------ conversation state
 
     def set_image(self, source: str | os.PathLike | bytes) -> EncodedImage:
         """Start a new conversation about this image (encoded now, or taken from the cache)."""
-        self.image, self._image_fresh = self.vision.encode(source), True
+        image = self.vision.encode(source) if self.image_tokens is None else self.vision.encode(source, self.image_tokens)
+        self.cancel_prefill()
+        self.image, self._image_fresh, self._paid_ahead = image, True, False
+        self.image_path = None if isinstance(source, bytes) else source
         self.turns = []
         return self.image
+
+    def prefill(self) -> None:
+        """Start evaluating the conversation's image prefix (system prompt + image) now, before the question is
+        known; whoever steps the engine (its thread, or the next ask) carries it on. The answers do not change."""
+        if self.image is None or self.turns or self._prefill is not None:
+            return
+        self._prefill = self.engine.prefill(self.messages(""), self.image_tokens)
+        self._paid_ahead = True
+
+    @contextmanager
+    def while_typing(self):
+        """While the user types: the engine's thread prefills the image prefix (see prefill). It stops after its
+        current step (about a second) when the block ends, by a line, Ctrl-C or Ctrl-D; what is left of the
+        prefill runs before the next question, in the asking thread."""
+        self.prefill()
+        self.engine.start()
+        try:
+            yield
+        finally:
+            self.engine.stop()
+
+    def cancel_prefill(self) -> None:
+        if self._prefill is not None:
+            self._prefill.cancel()
+            self._prefill = None
 
     def reset(self) -> None:
         """Forget the questions and answers; keep the image (its KV is reused by the next question)."""
@@ -77,10 +112,13 @@ class ChatSession:
         if not question:
             raise UserError("the question is empty")
         t_start = time.perf_counter()
-        generation = self.engine.generate(self.messages(question), sampling or SamplingConfig())
-        vision_ms = self.image.vision_ms if self.image is not None and self._image_fresh else 0.0
-        image_cached = self.image.cached if self.image is not None and self._image_fresh else False
-        self._image_fresh = False
+        generation = self.engine.generate(self.messages(question), sampling or SamplingConfig(), self.image_tokens)
+        self._prefill = None  # queued behind it: the question resumes from what the prefill leaves in the KV
+        fresh = self.image is not None and self._image_fresh
+        vision_ms = self.image.vision_ms if fresh else 0.0
+        image_cached = self.image.cached if fresh else False
+        waited_ms = 0.0 if self._paid_ahead else vision_ms  # an encode done while the user typed is not waited for
+        self._image_fresh = self._paid_ahead = False
         try:
             yield from generation
         finally:
@@ -91,9 +129,9 @@ class ChatSession:
             t = answer.timings
             t.vision_ms, t.image_cached = vision_ms, image_cached
             if generation.t_first:  # time to first token counts this turn's image encode, as a user waits for it
-                t.ttft_ms = vision_ms + 1000 * (generation.t_first - t_start)
+                t.ttft_ms = waited_ms + 1000 * (generation.t_first - t_start)
             self.turns.append((question, answer.text))
-            self.last = answer
+            self.last, self.last_generation = answer, generation
 
     def answer(self, question: str, sampling: SamplingConfig | None = None) -> Answer:
         for _ in self.ask(question, sampling):
@@ -108,7 +146,7 @@ class ChatSession:
 
     def last_logits(self) -> np.ndarray:
         """The logits the last answer token was drawn from ([n_vocab] float32)."""
-        logits = self.engine.slots[0].last_logits
+        logits = self.last_generation.last_logits if self.last_generation is not None else None
         if logits is None:
             raise RuntimeError("no token drawn yet")
         return logits

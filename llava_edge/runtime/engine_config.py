@@ -1,0 +1,29 @@
+"""How an engine is set up: one place for its defaults (the CLI reads them from here). No heavy imports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+
+@dataclass
+class EngineConfig:
+    parallel: int = 1  # sequences (slots) in the one context
+    n_ctx: int | None = None  # positions per sequence (default: the bundle's, see bundle.default_n_ctx)
+    n_batch: int = 512  # most positions in one llama_decode
+    threads: int | None = None
+    queue: int = 16  # requests that may wait for a slot; one more is refused (EngineBusy)
+    device: str = "auto"  # vision: auto|cpu|cuda|tensorrt
+    f32_kv: bool = False
+    image_cache_dir: str | None = None  # image embeddings as .npy files too
+    kv_cache_dir: str | None = None  # KV state after the image prefix, on disk
+    image_tokens: int | None = None  # tokens per image when a request names none (None: all, the reference)
+    step_seconds: float = 1.0  # while an answer is being written, a step's prefill is held to about this long
+
+    def __post_init__(self):
+        for name in ("parallel", "n_batch", "queue"):
+            if getattr(self, name) < (0 if name == "queue" else 1):
+                raise UserError(f"{name.replace('_', '-')} must be at least {0 if name == 'queue' else 1}")
+        if self.n_ctx is not None and self.n_ctx < 16:
+            raise UserError(f"n-ctx must be at least 16 (got {self.n_ctx})")

@@ -1,0 +1,282 @@
+"""What the next step evaluates, for every sequence of one llama.cpp context: a planner with no llama.cpp in it.
+
+The scheduler holds the requests that wait for a slot (a bounded FIFO queue) and, for each slot (one llama.cpp
+sequence), the positions its KV holds and where its request stands. `plan()` turns that into a `StepPlan`: the
+next token of every decoding request, then prefill positions of the others, first come first served, within a
+budget; the engine runs the plan on the executor and reports back (`commit_tokens`, `commit_image`, `feed`,
+`release`). The rules live here and are tested without a model: which slot a request takes (the free one sharing
+the longest prefix with its prompt), never resuming inside an image, budgets, cancels, the queue limit.
+
+A position is a `Key`: a token id, or `("image", image_id, i)` for the i-th embedding of an image, where
+image_id names both the image's bytes and how many tokens it was reduced to.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+Key = Union[int, tuple]
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the queue is full: try again later."""
+
+
+@dataclass
+class Job:
+    """One request's prompt as positions, and where its evaluation stands."""
+    keys: list[Key]
+    image_spans: dict[int, int]  # first position of each image -> its number of positions
+    prefill_only: bool = False  # evaluate the prompt and draw nothing (the chat's prefill while the user types)
+    owner: Any = None  # the engine's request object
+    cursor: int = 0  # next prompt position to evaluate
+    pending: int | None = None  # a drawn token, evaluated by the next step
+    cancel_reason: str | None = None
+    arrival: int = 0
+
+    @property
+    def decoding(self) -> bool:
+        return self.pending is not None
+
+    @property
+    def prefilled(self) -> bool:
+        return self.cursor >= len(self.keys)
+
+    def span_start(self, i: int) -> int | None:
+        """The first position of the image that holds position i, or None when i is text."""
+        for start, n in self.image_spans.items():
+            if start <= i < start + n:
+                return start
+        return None
+
+    def first_image_end(self) -> int:
+        """The position after the first image: the prefix whose KV the disk store keeps (0 without images)."""
+        if not self.image_spans:
+            return 0
+        start = min(self.image_spans)
+        return start + self.image_spans[start]
+
+
+@dataclass
+class Slot:
+    seq: int  # the llama.cpp sequence id
+    held: list[Key] = field(default_factory=list)  # what this sequence's KV holds, position by position
+    job: Job | None = None
+    last_used: int = 0  # the step it was last released at: the least recently used one goes first
+
+
+@dataclass
+class Admission:
+    slot: Slot
+    job: Job
+    keep: int  # positions of the slot's KV the job reuses; the engine cuts the rest
+
+
+@dataclass
+class TokenEntry:
+    slot: Slot
+    token: int
+    pos: int
+    wants_logits: bool
+
+
+@dataclass
+class ImageChunk:
+    slot: Slot
+    span_start: int  # the prompt position the image starts at
+    begin: int  # prompt positions [begin, end) of this chunk
+    end: int
+    wants_logits: bool  # the chunk ends the prompt
+
+    @property
+    def pos(self) -> int:
+        return len(self.slot.held)
+
+
+@dataclass
+class StepPlan:
+    tokens: list[TokenEntry] = field(default_factory=list)  # one llama_decode of token ids
+    image: ImageChunk | None = None  # then one of embeddings (a llama_batch holds either, not both)
+
+    @property
+    def empty(self) -> bool:
+        return not self.tokens and self.image is None
+
+
+def prefill_budget(n_batch: int, seconds_per_position: float | None, step_seconds: float, decoding: bool,
+                   background: bool) -> int:
+    """Prefill positions one step may take. Alone, a prefill takes whole batches (fastest per position). While an
+    answer is being written, or for a prefill the user is not waiting on, a step is held to about step_seconds
+    at the measured speed, so that the next token of the answer (or a new question) waits at most that long."""
+    if not (decoding or background):
+        return n_batch
+    if not seconds_per_position:  # not measured yet: a small first step measures it
+        return min(n_batch, 32)
+    return max(16, min(n_batch, int(step_seconds / seconds_per_position)))
+
+
+def common_prefix(a: list[Key], b: list[Key]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Scheduler:
+    """Thread-safe: requests are reserved, submitted and cancelled from any thread; one stepping thread at a
+    time calls admit, plan and the commits."""
+
+    def __init__(self, n_slots: int, queue_limit: int, n_batch: int):
+        self.slots = [Slot(i) for i in range(n_slots)]
+        self.queue_limit, self.n_batch = queue_limit, n_batch
+        self.waiting: list[Job] = []
+        self.reserved = 0  # places taken by requests whose images are still being encoded
+        self.lock = threading.Lock()
+        self._arrivals = itertools.count()
+        self._steps = 0
+
+    # ------------------------------------------------------------------ the queue (any thread)
+
+    def reserve(self) -> None:
+        """Take a place before the request's images are encoded; QueueFull when there is none."""
+        with self.lock:
+            free = sum(s.job is None for s in self.slots)
+            if len(self.waiting) + self.reserved >= self.queue_limit + free:
+                raise QueueFull(f"all {len(self.slots)} slots are busy and "
+                                f"{len(self.waiting) + self.reserved - free} requests wait")
+            self.reserved += 1
+
+    def unreserve(self) -> None:
+        with self.lock:
+            self.reserved -= 1
+
+    def submit(self, job: Job) -> None:
+        """Queue a job whose place was reserved."""
+        with self.lock:
+            self.reserved -= 1
+            job.arrival = next(self._arrivals)
+            self.waiting.append(job)
+
+    def cancel(self, job: Job, reason: str) -> None:
+        with self.lock:
+            if job.cancel_reason is None:
+                job.cancel_reason = reason
+
+    def clear_waiting(self) -> list[Job]:
+        with self.lock:
+            waiting, self.waiting = self.waiting, []
+        return waiting
+
+    @property
+    def has_waiting(self) -> bool:
+        return bool(self.waiting)
+
+    def counts(self) -> dict:
+        with self.lock:
+            return {"slots": len(self.slots), "busy": sum(s.job is not None for s in self.slots),
+                    "queued": len(self.waiting) + self.reserved}
+
+    # ------------------------------------------------------------------ one step (the stepping thread)
+
+    def admit(self) -> tuple[list[Admission], list[Job]]:
+        """Move waiting jobs into free slots, in arrival order. Returns the admissions and the jobs that were
+        cancelled while they waited (dropped)."""
+        admitted, dropped = [], []
+        with self.lock:
+            while self.waiting:
+                free = [s for s in self.slots if s.job is None]
+                if not free:
+                    break
+                job = self.waiting.pop(0)
+                if job.cancel_reason is not None:
+                    dropped.append(job)
+                    continue
+                slot = max(free, key=lambda s: (common_prefix(s.held, job.keys), -s.last_used))
+                keep = self._reusable(slot, job)
+                del slot.held[keep:]
+                slot.job, job.cursor = job, keep
+                admitted.append(Admission(slot, job, keep))
+        return admitted, dropped
+
+    def _reusable(self, slot: Slot, job: Job) -> int:
+        keep = common_prefix(slot.held, job.keys)
+        if not job.prefill_only:  # the last prompt position is evaluated again: the first token is drawn from it
+            keep = min(keep, len(job.keys) - 1)
+        start = job.span_start(keep)
+        return keep if start is None or start == keep else start  # never resume inside an image
+
+    def restored(self, slot: Slot, n: int) -> None:
+        """The slot's KV was loaded from the disk store and now holds the first n prompt positions (0: emptied)."""
+        slot.held = list(slot.job.keys[:n])
+        slot.job.cursor = n
+
+    def cancelled(self) -> list[Slot]:
+        """Slots whose job was cancelled: the engine releases them."""
+        with self.lock:
+            return [s for s in self.slots if s.job is not None and s.job.cancel_reason is not None]
+
+    def active(self) -> list[Slot]:
+        return [s for s in self.slots if s.job is not None]
+
+    def plan(self, prefill_budget: int) -> StepPlan:
+        """Every decoding job's next token, then prefill in arrival order: text tokens into the same batch, and
+        at most one image chunk. At most n_batch positions in each decode, at most prefill_budget of prefill."""
+        plan = StepPlan()
+        active = self.active()
+        for s in active:
+            if s.job.decoding:
+                plan.tokens.append(TokenEntry(s, s.job.pending, len(s.held), True))
+        room = self.n_batch - len(plan.tokens)
+        budget = min(prefill_budget, room)
+        positions = {s.seq: len(s.held) for s in active}
+        for s in sorted((s for s in active if not s.job.decoding), key=lambda s: s.job.arrival):
+            job, i = s.job, s.job.cursor
+            while budget > 0 and i < len(job.keys) and job.span_start(i) is None:
+                wants = i == len(job.keys) - 1 and not job.prefill_only
+                plan.tokens.append(TokenEntry(s, job.keys[i], positions[s.seq], wants))
+                positions[s.seq] += 1
+                budget -= 1
+                i += 1
+            start = job.span_start(i) if i < len(job.keys) else None
+            if budget > 0 and plan.image is None and start is not None:
+                end = min(start + job.image_spans[start], i + budget, i + self.n_batch)
+                last = end == len(job.keys)
+                plan.image = ImageChunk(s, start, i, end, last and not job.prefill_only)
+                budget -= end - i
+            if budget <= 0:
+                break
+        return plan
+
+    def commit_tokens(self, plan: StepPlan) -> None:
+        """The token decode of the plan happened: the slots hold its positions."""
+        for e in plan.tokens:
+            e.slot.held.append(e.token)
+            if e.slot.job.decoding:
+                e.slot.job.pending = None
+            else:
+                e.slot.job.cursor += 1
+
+    def commit_image(self, plan: StepPlan) -> None:
+        chunk = plan.image
+        chunk.slot.held.extend(chunk.slot.job.keys[chunk.begin:chunk.end])
+        chunk.slot.job.cursor = chunk.end
+
+    def feed(self, slot: Slot, token: int) -> None:
+        """The token drawn for slot's job: evaluated by the next step."""
+        slot.job.pending = token
+
+    def release(self, slot: Slot) -> Job | None:
+        """The slot is free again; its KV (held) stays for a later request to reuse."""
+        with self.lock:
+            job, slot.job = slot.job, None
+            self._steps += 1
+            slot.last_used = self._steps
+        return job
+
+    def truncate(self, slot: Slot, keep: int) -> None:
+        del slot.held[keep:]

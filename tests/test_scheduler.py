@@ -1,0 +1,215 @@
+"""The scheduler's rules, without llama.cpp: which slot a request takes, never resuming inside an image, the
+per-step budgets, first come first served prefill, cancels and the queue limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from llava_edge.runtime.scheduler import Job, QueueFull, Scheduler, common_prefix, prefill_budget
+
+
+def image(name: str, n: int) -> list:
+    return [("image", name, i) for i in range(n)]
+
+
+def job(keys: list, **kw) -> Job:
+    spans, start = {}, None
+    for i, k in enumerate(keys):
+        if isinstance(k, tuple):
+            if start is None or keys[i - 1][1] != k[1] or k[2] == 0:
+                start = i
+                spans[start] = 0
+            spans[start] += 1
+        else:
+            start = None
+    return Job(list(keys), spans, **kw)
+
+
+def submit(s: Scheduler, j: Job) -> Job:
+    s.reserve()
+    s.submit(j)
+    return j
+
+
+def run_to_decoding(s: Scheduler, budget: int = 512) -> None:
+    """Execute plans as an executor would until every active job is decoding (or prefilled)."""
+    for _ in range(100):
+        if all(sl.job.decoding or sl.job.prefilled for sl in s.active()):
+            return
+        plan = s.plan(budget)
+        s.commit_tokens(plan)
+        for e in plan.tokens:
+            if e.wants_logits:
+                s.feed(e.slot, 7)
+        if plan.image is not None:
+            s.commit_image(plan)
+            if plan.image.wants_logits:
+                s.feed(plan.image.slot, 7)
+    raise AssertionError("did not settle")
+
+
+PROMPT = [1, 10, 11] + image("a", 8) + [12, 13, 14]
+
+
+def test_a_request_takes_the_free_slot_sharing_the_longest_prefix():
+    s = Scheduler(n_slots=3, queue_limit=4, n_batch=64)
+    s.slots[0].held = [1, 10, 99]
+    s.slots[1].held = PROMPT[:9]  # the text and most of the image
+    s.slots[2].held = PROMPT + [50, 51]  # everything and more: the best
+    j = submit(s, job(PROMPT))
+    (a,), dropped = s.admit()
+    assert not dropped and a.slot is s.slots[2] and a.job is j
+    assert a.keep == len(PROMPT) - 1  # the last prompt position is evaluated again, for its logits
+    assert s.slots[2].held == PROMPT[:-1] and j.cursor == len(PROMPT) - 1
+
+
+def test_ties_go_to_the_least_recently_used_slot():
+    s = Scheduler(n_slots=2, queue_limit=4, n_batch=64)
+    submit(s, job([1, 2, 3]))
+    (a,), _ = s.admit()
+    s.release(a.slot)  # used last
+    submit(s, job([4, 5]))  # shares nothing with either slot
+    (b,), _ = s.admit()
+    assert b.slot is not a.slot
+
+
+def test_never_resumes_inside_an_image():
+    s = Scheduler(n_slots=1, queue_limit=4, n_batch=64)
+    s.slots[0].held = PROMPT[:7]  # three text positions and four of the image's eight
+    submit(s, job(PROMPT))
+    (a,), _ = s.admit()
+    assert a.keep == 3 and s.slots[0].held == PROMPT[:3]
+    plan = s.plan(512)
+    assert plan.tokens == [] and (plan.image.begin, plan.image.end, plan.image.span_start) == (3, 11, 3)
+    assert plan.image.pos == 3
+
+
+def test_an_image_of_another_budget_is_another_image():
+    reduced = [1, 10, 11] + [("image", "a:4", i) for i in range(4)] + [12]
+    assert common_prefix(PROMPT, reduced) == 3
+
+
+def test_decoding_tokens_come_first_and_prefill_is_first_come_first_served():
+    s = Scheduler(n_slots=3, queue_limit=4, n_batch=64)
+    a = submit(s, job([1, 2, 3]))
+    s.admit()
+    run_to_decoding(s)
+    assert a.decoding
+    b = submit(s, job([1] + image("b", 20) + [5]))
+    c = submit(s, job([1, 8, 9, 10]))
+    s.admit()
+    plan = s.plan(prefill_budget=6)
+    # a's next token, then b's text (b came first), then b's image chunk within the budget; c waits
+    assert [(e.slot.job, e.token) for e in plan.tokens] == [(a, 7), (b, 1)]
+    assert plan.image.slot.job is b and (plan.image.begin, plan.image.end) == (1, 6)
+    assert all(e.slot.job is not c for e in plan.tokens)
+    s.commit_tokens(plan)
+    s.commit_image(plan)
+    assert b.cursor == 6 and a.pending is None
+
+
+def test_the_prefill_budget_leaves_room_for_every_decoding_token():
+    s = Scheduler(n_slots=4, queue_limit=4, n_batch=8)
+    for k in range(3):
+        submit(s, job([1, 2, 3 + k]))
+    s.admit()
+    run_to_decoding(s)
+    submit(s, job(list(range(3, 40))))
+    s.admit()
+    plan = s.plan(prefill_budget=512)
+    assert len(plan.tokens) == 8  # n_batch: 3 decoding tokens and 5 of prefill
+    assert sum(e.wants_logits for e in plan.tokens) == 3
+
+
+def test_an_image_chunk_never_exceeds_n_batch():
+    s = Scheduler(n_slots=1, queue_limit=1, n_batch=4)
+    submit(s, job([1] + image("a", 10) + [2]))
+    s.admit()
+    sizes = []
+    while True:
+        plan = s.plan(512)
+        if plan.empty:
+            break
+        s.commit_tokens(plan)
+        if plan.image:
+            sizes.append(plan.image.end - plan.image.begin)
+            s.commit_image(plan)
+        if any(e.wants_logits for e in plan.tokens):
+            break
+    assert sum(sizes) == 10 and sizes[0] == 3 and max(sizes) == 4  # the first shares its step with a text token
+
+
+def test_step_budget_holds_a_step_to_the_measured_speed():
+    assert prefill_budget(512, 0.01, 1.0, decoding=False, background=False) == 512  # alone: whole batches
+    assert prefill_budget(512, 0.01, 1.0, decoding=True, background=False) == 100  # 1 s at 10 ms a position
+    assert prefill_budget(512, 0.001, 1.0, decoding=True, background=False) == 512  # never past n_batch
+    assert prefill_budget(512, 1.0, 1.0, decoding=True, background=False) == 16  # never below 16
+    assert prefill_budget(512, None, 1.0, decoding=False, background=True) == 32  # unmeasured: small first step
+
+
+def test_prefill_only_job_evaluates_everything_and_wants_no_logits():
+    s = Scheduler(n_slots=1, queue_limit=1, n_batch=64)
+    j = submit(s, job([1, 2] + image("a", 5), prefill_only=True))
+    s.admit()
+    run_to_decoding(s)
+    assert j.prefilled and not j.decoding and s.slots[0].held == j.keys
+
+
+def test_prefill_only_job_with_its_prefix_held_has_nothing_to_do():
+    s = Scheduler(n_slots=1, queue_limit=1, n_batch=64)
+    keys = [1, 2] + image("a", 5)
+    s.slots[0].held = list(keys)
+    j = submit(s, job(keys, prefill_only=True))
+    (a,), _ = s.admit()
+    assert a.keep == len(keys) and j.prefilled and s.plan(512).empty
+
+
+def test_a_question_after_a_prefill_reuses_all_of_it():
+    s = Scheduler(n_slots=1, queue_limit=2, n_batch=64)
+    prefix = [1, 2] + image("a", 5)
+    p = submit(s, job(prefix, prefill_only=True))
+    q = submit(s, job(prefix + [30, 31, 32]))
+    (a,), _ = s.admit()
+    assert a.job is p and s.admit() == ([], [])  # the question waits for the one slot
+    run_to_decoding(s)
+    s.release(s.slots[0])
+    (a,), _ = s.admit()
+    assert a.job is q and a.keep == len(prefix)
+    plan = s.plan(512)
+    assert [e.token for e in plan.tokens] == [30, 31, 32] and plan.image is None
+
+
+def test_queue_limit_counts_reserved_places_and_free_slots():
+    s = Scheduler(n_slots=2, queue_limit=1, n_batch=64)
+    for _ in range(3):  # two free slots and one queue place
+        s.reserve()
+    with pytest.raises(QueueFull):
+        s.reserve()
+    s.unreserve()  # an encode failed: its place is given back
+    s.reserve()
+    assert s.counts() == {"slots": 2, "busy": 0, "queued": 3}
+
+
+def test_cancelled_waiting_jobs_are_dropped_and_cancelled_running_ones_reported():
+    s = Scheduler(n_slots=1, queue_limit=2, n_batch=64)
+    running = submit(s, job([1, 2, 3]))
+    waiting = submit(s, job([4, 5, 6]))
+    s.admit()
+    s.cancel(waiting, "cancelled")
+    s.cancel(running, "interrupted")
+    s.cancel(running, "cancelled")  # the first reason stands
+    assert [sl.job for sl in s.cancelled()] == [running] and running.cancel_reason == "interrupted"
+    s.release(s.slots[0])
+    admitted, dropped = s.admit()
+    assert admitted == [] and dropped == [waiting]
+
+
+def test_restored_prefix_moves_the_cursor():
+    s = Scheduler(n_slots=1, queue_limit=1, n_batch=64)
+    j = submit(s, job(PROMPT))
+    (a,), _ = s.admit()
+    assert a.keep == 0
+    s.restored(a.slot, 11)  # the disk store gave the text and the image
+    assert s.slots[0].held == PROMPT[:11] and j.cursor == 11
+    plan = s.plan(512)
+    assert [e.token for e in plan.tokens] == [12, 13, 14] and plan.tokens[-1].wants_logits
