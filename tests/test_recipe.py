@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_edge.reference.checkpoint import load_checkpoint, load_bin
+from llava_edge.reference.checkpoint import load_checkpoint
+from llava_edge.reference.tensor_files import load_bin
 from llava_edge.train.recipe import TrainConfig, train
 from llava_edge.train.schedule import cosine_lr
 from safetensors.torch import load_file

@@ -23,7 +23,8 @@ from ..export.bundle import write_manifest
 from ..export.pipeline import ExportOptions, export_bundle
 from ..paths import DEMO_BUNDLE, DEMO_CHECKPOINT
 from ..runtime.bundle import DEMO_DOMAIN
-from ..reference.checkpoint import load_checkpoint, save_liuhaotian
+from ..reference.checkpoint import load_checkpoint
+from ..reference.checkpoint_writer import save_liuhaotian
 from ..scoring import format_table, write_predictions
 from ..train.clip_attributes import AttributeClipConfig, train_attribute_clip
 from ..train.evaluate import evaluate
