@@ -119,6 +119,7 @@ def test_cosine_schedule_shape():
     assert cosine_lr(99, 100, 3) < 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(parts, stage1, tmp_path, engine):
     out1, _ = stage1
