@@ -56,7 +56,7 @@ class DemoConfig:
     stage1_epochs: float = 1.0
     stage1_lr: float = 1e-3
     describe_always: bool = True  # every stage-2 conversation holds the description, at a random turn
-    stage2_epochs: float = 8.0  # 12 gave no better descriptions (README)
+    stage2_epochs: float = 8.0  # 12 gave no better descriptions (docs/demo-model.md)
     stage2_lr: float = 1.5e-3  # 5e-4 underfits (77.6 % held-out), 3e-3 is unstable (64 %)
     stage2_bf16: str = "auto"  # auto: on where the CPU multiplies bf16 natively (AMX), or on a bf16 GPU
     micro_batch_size: int = 16
