@@ -11,7 +11,7 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 CALIBRATION_DIR = ASSETS / "calibration"  # real photos that export and bench calibrate/measure the vision graph on
-DEMO_CHECKPOINT = ASSETS / "demo" / "checkpoint"  # the trained demo model (DESIGN.md "The shapes world")
+DEMO_CHECKPOINT = ASSETS / "demo" / "checkpoint"  # the trained demo model (docs/design.md, "The shapes world")
 DEMO_BUNDLE = ASSETS / "demo" / "bundle"  # its edge bundle: what `llava-edge chat` uses without --bundle
 
 

@@ -14,7 +14,7 @@ from .conversation import IMAGE_TOKEN
 from .errors import UserError
 from .llava_json import load_llava_json
 
-QUESTION_TYPES = ("color", "shape", "count", "exists", "describe")  # the shapes world's (DESIGN.md)
+QUESTION_TYPES = ("color", "shape", "count", "exists", "describe")  # docs/design.md, "The shapes world"
 POPE_TYPE = "exists"  # the yes/no question type scored with POPE's metrics
 
 

@@ -11,6 +11,7 @@ from llava_edge.bench.harness import BenchConfig, ratios, round_order, run_bench
 from llava_edge.bench.measured_paths import summarize
 
 
+@pytest.mark.slow
 def test_demo_bench_writes_the_contract_report(tmp_path):
     cfg = BenchConfig(out_dir=str(tmp_path / "reports"), work_dir=str(tmp_path / "work"), threads=1, runs=2,
                       n_decode=4, quick=True, cases=("demo",))

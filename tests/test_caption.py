@@ -99,6 +99,7 @@ def test_a_copy_is_encoded_once(folder, parallel_run):
     assert f"{distinct} images encoded" in proc.stderr
 
 
+@pytest.mark.slow
 def test_answers_equal_chat_and_do_not_depend_on_parallel(folder, parallel_run, tmp_path):
     out4, _ = parallel_run
     out1 = tmp_path / "p1.jsonl"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llava_edge.errors import CheckpointError
-from llava_edge.reference.checkpoint import load_checkpoint, resolve_checkpoint
+from llava_edge.reference.checkpoint import load_checkpoint
+from llava_edge.reference.hf_cache import resolve_checkpoint
 from tiny_checkpoints import (
     IMAGE_TOKEN,
     hf_ids,

@@ -125,6 +125,7 @@ def test_existing_bundle_needs_overwrite(ckpt, f32_bundle):
 DEMO = DEMO_CHECKPOINT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant,min_top1", [("Q8_0", 0.99), ("Q4_K_M", 0.90)])
 def test_demo_checkpoint_quantized_decoder_agrees_with_the_reference(tmp_path, quant, min_top1):
     """On the trained demo model (not random weights: few near-ties), Q8_0 keeps >= 99 % and 4-bit >= 90 % of

@@ -88,6 +88,7 @@ def test_export_measures_parity_without_an_fp32_decoder_and_records_memory(fp16_
         mem["peak_rss_anon_mb_by_step"])
 
 
+@pytest.mark.slow
 def test_cli_export_prints_the_peaks(fp16_ckpt, tmp_path):
     out = tmp_path / "b"
     result = subprocess.run(

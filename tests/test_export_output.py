@@ -25,6 +25,7 @@ def stderr_lines(text: str) -> list[str]:
     return [line.rsplit("\r", 1)[-1].strip() for line in text.splitlines() if line.rsplit("\r", 1)[-1].strip()]
 
 
+@pytest.mark.slow
 def test_export_prints_only_its_own_lines_and_follows_the_umask(tmp_path):
     ckpt = make_liuhaotian_checkpoint(tmp_path / "ckpt", seed=3)
     out = tmp_path / "bundle"

@@ -1,44 +1,49 @@
-"""The package's import graph, read statically (ast): no circles, and every arrow points the way DESIGN.md's
-layout draws it. Imports inside functions count as much as those at the top: a lazy import still runs.
-
-    leaves (top-level modules)  -> leaves only
-    reference/                  -> leaves
-    train/                      -> reference, leaves
-    quant/                      -> leaves (helpers that export calls; never export)
-    export/                     -> reference, quant, runtime (parity is measured through it), leaves
-    runtime/                    -> leaves; no torch, nothing the runtime-only install lacks
-    server/, caption/           -> runtime, leaves; no torch (the runtime install runs them)
-    demo/                       -> train, export, reference, runtime (the manifest fields it installs), leaves
-    bench/, cli.py, chat.py     -> anything (the commands: chat.py is the chat command's REPL and printing)
+"""The package's import graph, read statically (ast): no circles, and every arrow points the way the layout
+allows. The rules are the table in docs/design.md's "Layout" section, parsed here; they are written nowhere else.
+Imports inside functions count as much as those at the top: a lazy import still runs.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "llava_edge"
-
-MAY_IMPORT = {
-    "leaf": {"leaf"},
-    "reference": {"reference", "leaf"},
-    "train": {"train", "reference", "leaf"},
-    "quant": {"quant", "leaf"},
-    "export": {"export", "reference", "quant", "runtime", "leaf"},
-    "runtime": {"runtime", "leaf"},
-    "server": {"server", "runtime", "leaf"},
-    "caption": {"caption", "runtime", "leaf"},
-    "demo": {"demo", "train", "export", "reference", "runtime", "leaf"},
-    "bench": None,  # anything
-    "cli": None,
-}
-# What `pip install llava-edge` (no extras) does not have: the runtime, the leaves it reads and the server
-# must run without them.
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "llava_edge"
+DESIGN = ROOT / "docs" / "design.md"
+# What `pip install llava-edge` (no extras) does not have: the layers that run without torch must not import them.
 NOT_IN_RUNTIME_INSTALL = {"torch", "transformers", "safetensors", "sentencepiece", "onnx", "onnxscript", "gguf"}
-TORCH_FREE_LAYERS = {"leaf", "runtime", "server", "caption"}
-COMMAND_MODULES = {"cli", "chat"}  # top-level modules that are not leaves
+
+
+def layout_rules(text: str) -> tuple[dict[str, set[str] | None], set[str], set[str]]:
+    """(layer -> the layers it may import besides itself, or None for anything; the layers that run without
+    torch; the top-level modules that are commands, not leaves), from the Layout section's table, whose rows are
+    | `layer` | files | may import | without torch | what it holds |."""
+    section = re.search(r"^## Layout\n(.*?)(?=^## )", text, re.S | re.M)
+    assert section, "docs/design.md has no '## Layout' section"
+    may_import: dict[str, set[str] | None] = {}
+    torch_free: set[str] = set()
+    commands: set[str] = set()
+    for line in section.group(1).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) != 5 or not re.fullmatch(r"`\w+`", cells[0]):
+            continue  # prose, the header row, the separator row
+        layer, files, allowed, without_torch = cells[0].strip("`"), cells[1], cells[2], cells[3]
+        if allowed == "anything":
+            may_import[layer] = None
+        else:
+            may_import[layer] = {a.strip("` ") for a in allowed.split(",") if a.strip("` –-")}
+        if without_torch == "yes":
+            torch_free.add(layer)
+        if layer != "leaf":
+            commands.update(re.findall(r"`(\w+)\.py`", files))
+    return may_import, torch_free, commands
+
+
+MAY_IMPORT, TORCH_FREE_LAYERS, COMMAND_MODULES = layout_rules(DESIGN.read_text())
 
 
 def module_name(path: Path, root: Path = PACKAGE) -> str:
@@ -139,14 +144,32 @@ def wrong_arrows(graph: dict[str, set[str]]) -> list[str]:
             if target.startswith("ext:"):
                 if layer in TORCH_FREE_LAYERS and target[4:] in NOT_IN_RUNTIME_INSTALL:
                     problems.append(f"{module} imports {target[4:]} ({layer} must run without it)")
-            elif allowed is not None and layer_of(target) not in allowed:
+            elif allowed is not None and layer_of(target) not in allowed | {layer}:
                 problems.append(f"{module} ({layer}) imports {target} ({layer_of(target)})")
     return problems
 
 
 def test_every_folder_has_a_place_in_the_layout():
     folders = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
-    assert folders <= set(MAY_IMPORT), f"add {sorted(folders - set(MAY_IMPORT))} to MAY_IMPORT (and the README's Layout)"
+    assert folders <= set(MAY_IMPORT), f"add {sorted(folders - set(MAY_IMPORT))} to docs/design.md's Layout table"
+    commands = {p.stem for p in PACKAGE.glob("*.py")} & COMMAND_MODULES
+    assert commands == COMMAND_MODULES, f"the Layout table names commands that do not exist: {COMMAND_MODULES - commands}"
+
+
+def test_the_layout_table_is_parsed_row_by_row():
+    text = ("## Layout\n\nProse with | a pipe.\n\n| layer | files | may import | without torch | what it holds |\n"
+            "|---|---|---|---|---|\n| `leaf` | the top-level `*.py` | – | yes | errors |\n"
+            "| `runtime` | `runtime/` | leaf | yes | the engine |\n| `export` | `export/` | runtime, `leaf` | no | x |\n"
+            "| `cli` | `cli.py`, `chat.py` | anything | no | the commands |\n\n## Next\n\n| `bench` | b | – | yes | y |\n")
+    assert layout_rules(text) == ({"leaf": set(), "runtime": {"leaf"}, "export": {"runtime", "leaf"}, "cli": None},
+                                  {"leaf", "runtime"}, {"cli", "chat"})
+
+
+def test_the_design_states_the_runtime_rules():
+    """The rules the rest of the project leans on are in the parsed table (a row the parser skipped would
+    silently drop them): the runtime reaches only leaves and runs without torch, and so do the leaves."""
+    assert MAY_IMPORT["runtime"] == {"leaf"} and MAY_IMPORT["leaf"] == set()
+    assert {"leaf", "runtime", "server", "caption"} <= TORCH_FREE_LAYERS
 
 
 def test_the_package_has_no_import_circles():

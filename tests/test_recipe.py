@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_edge.reference.checkpoint import load_checkpoint, load_bin
+from llava_edge.reference.checkpoint import load_checkpoint
+from llava_edge.reference.tensor_files import load_bin
 from llava_edge.train.recipe import TrainConfig, train
 from llava_edge.train.schedule import cosine_lr
 from safetensors.torch import load_file
@@ -118,6 +119,7 @@ def test_cosine_schedule_shape():
     assert cosine_lr(99, 100, 3) < 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(parts, stage1, tmp_path, engine):
     out1, _ = stage1

@@ -111,6 +111,7 @@ def test_new_image_in_the_same_session(demo):
     assert len(demo.turns) == 1
 
 
+@pytest.mark.slow
 def test_demo_bundle_answers_like_the_reference(demo, tmp_path):
     """Greedy answers of the shipped bundle on unseen shapes-world images vs the reference on the fp16
     checkpoint it was exported from."""

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from llava_edge.config import TextConfig, VisionConfig
-from llava_edge.reference.checkpoint import save_clip_vision, save_llama
+from llava_edge.reference.checkpoint_writer import save_clip_vision, save_llama
 from llava_edge.reference.llama import Llama
 from llava_edge.reference.vision import VisionTransformer
 from llava_edge.train.shapes import build_dataset

@@ -83,7 +83,7 @@ def _make_random_checkpoint(ckpt: Path, decoder_layers: int) -> None:
     import torch
 
     from ..config import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
-    from ..reference.checkpoint import liuhaotian_config_dict, projector_state_liuhaotian, save_clip_vision
+    from ..reference.checkpoint_writer import liuhaotian_config_dict, projector_state_liuhaotian, save_clip_vision
     from ..reference.llava import Llava
 
     cfg = LlavaConfig(vision=VisionConfig(), projector=ProjectorConfig(type="mlp2x_gelu", in_features=1024, out_features=4096),

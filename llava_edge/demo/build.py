@@ -23,7 +23,8 @@ from ..export.bundle import write_manifest
 from ..export.pipeline import ExportOptions, export_bundle
 from ..paths import DEMO_BUNDLE, DEMO_CHECKPOINT
 from ..runtime.bundle import DEMO_DOMAIN
-from ..reference.checkpoint import load_checkpoint, save_liuhaotian
+from ..reference.checkpoint import load_checkpoint
+from ..reference.checkpoint_writer import save_liuhaotian
 from ..scoring import format_table, write_predictions
 from ..train.clip_attributes import AttributeClipConfig, train_attribute_clip
 from ..train.evaluate import evaluate
@@ -55,7 +56,7 @@ class DemoConfig:
     stage1_epochs: float = 1.0
     stage1_lr: float = 1e-3
     describe_always: bool = True  # every stage-2 conversation holds the description, at a random turn
-    stage2_epochs: float = 8.0  # 12 gave no better descriptions (README)
+    stage2_epochs: float = 8.0  # 12 gave no better descriptions (docs/demo-model.md)
     stage2_lr: float = 1.5e-3  # 5e-4 underfits (77.6 % held-out), 3e-3 is unstable (64 %)
     stage2_bf16: str = "auto"  # auto: on where the CPU multiplies bf16 natively (AMX), or on a bf16 GPU
     micro_batch_size: int = 16

@@ -91,11 +91,8 @@ def source_from_loaded(loaded) -> DecoderSource:
 
 def source_from_checkpoint(ckpt: Path) -> DecoderSource:
     """Straight from a checkpoint directory (llava-hf, liuhaotian or plain LLaMA), tensors read lazily."""
-    from ..reference.checkpoint import (
-        map_liuhaotian_key,
-        map_llava_hf_key,
-        weight_files,
-    )
+    from ..reference.checkpoint import map_liuhaotian_key, map_llava_hf_key
+    from ..reference.tensor_files import weight_files
 
     ckpt = Path(ckpt)
     raw = read_json(ckpt / "config.json")
@@ -150,7 +147,7 @@ def _lazy_tensors(path: Path):
     if path.suffix == ".safetensors":
         yield from _lazy_safetensors(path)
         return
-    from ..reference.checkpoint import TensorFile
+    from ..reference.tensor_files import TensorFile
 
     tf = TensorFile(path)
     for key in tf.keys():

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..quant.onnx_files import move_model, release_freed_memory, save_onnx
 from ..quant.onnx_run import INPUT_NAME, OUTPUT_NAME, cpu_session, embeddings_agreement, reference_embeddings, run_onnx
 from ..reference.llava import Llava
-FUSED_MIN_COSINE = 0.99999  # the fp32 fidelity bound (DESIGN.md "Fidelity")
+FUSED_MIN_COSINE = 0.99999  # the fp32 fidelity bound (docs/design.md, "Fidelity")
 
 
 class ImageEncoder(nn.Module):

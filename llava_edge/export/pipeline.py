@@ -21,7 +21,8 @@ from ..conversation import get_template, render_prompt, tokenize_prompt
 from ..errors import UserError
 from ..image import load_image, preprocess_batch
 from ..peak_memory import PeakMemory
-from ..reference.checkpoint import load_checkpoint, read_llava_config, resolve_checkpoint
+from ..reference.checkpoint import load_checkpoint, read_llava_config
+from ..reference.hf_cache import resolve_checkpoint
 from ..paths import CALIBRATION_DIR
 from ..runtime.bundle import FORMAT_VERSION
 from .bundle import file_entry, staged_dir, write_manifest

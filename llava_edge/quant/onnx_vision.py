@@ -1,7 +1,7 @@
 """fp16 and int8 variants of the vision graph, and the accuracy guard that picks the bundle's precision.
 
 `auto` keeps int8 only where its embeddings hold cosine >= 0.999 against the reference on calibration
-images, else fp32 (DESIGN.md "Edge bundle"). Random weights quantize well; real CLIP weights have
+images, else fp32 (docs/design.md, "Edge bundle"). Random weights quantize well; real CLIP weights have
 activation outliers, so the guard measures instead of assuming.
 
 int8 is dynamic (weights int8 per output channel, activations quantized per tensor at run time): on
@@ -27,7 +27,7 @@ from .onnx_run import INPUT_NAME, cpu_session, embeddings_agreement, reference_e
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
-INT8_MIN_COSINE = 0.999  # DESIGN.md: auto keeps int8 only at or above this
+INT8_MIN_COSINE = 0.999  # docs/design.md, "Edge bundle": auto keeps int8 only at or above this
 
 
 class VisionPrecision(NamedTuple):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from .checkpoint import meta_model, read_llava_config, read_tensors, resolve_checkpoint
+from .checkpoint import meta_model, read_llava_config, read_tensors
+from .hf_cache import resolve_checkpoint
 
 
 def tokenizer_vocab(path) -> int | None:

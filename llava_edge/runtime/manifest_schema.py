@@ -1,4 +1,4 @@
-"""The edge bundle's manifest.json checked field by field (DESIGN.md "Edge bundle"): a malformed manifest is one
+"""The edge bundle's manifest.json checked field by field (docs/design.md, "Edge bundle"): a malformed manifest is one
 line naming the field, never a KeyError or TypeError further down. No torch.
 """
 

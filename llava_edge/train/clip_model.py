@@ -203,7 +203,7 @@ def sincos_positions(v: VisionConfig) -> torch.Tensor:
     this world's texts rewards growing them, so the demo tower's patch tokens barely say where they are: a
     linear probe reads a patch's column from layer -2 36 % of the time (21 % on objects), 88 % (60 %) with this
     start (experiments/tower_position_probe.py). Listing objects left to right needs that; what it did to the demo
-    model is in the README's table of what was tried."""
+    model is in docs/demo-model.md's table of what was tried."""
     if v.hidden_size % 4:
         raise ValueError(f"sin-cos positions need a width divisible by 4, got {v.hidden_size}")
     grid = v.image_size // v.patch_size

@@ -24,7 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import TextConfig
 from ..errors import UserError
 from ..llava_json import load_llava_json
-from ..reference.checkpoint import assemble_llava, save_liuhaotian, save_llama, save_projector
+from ..reference.checkpoint import assemble_llava
+from ..reference.checkpoint_writer import save_liuhaotian, save_llama, save_projector
 from ..reference.llama import Llama
 from ..reference.llava import Llava, causal_lm_loss
 from .data import LlavaDataset, collate, modality_length_grouped_batches

@@ -1,7 +1,7 @@
 """The shapes world: a synthetic image/question world the demo model is trained on from scratch.
 
 Scenes are 1-3 coloured shapes on a light background. Every question asked about a scene is
-answerable from the pixels and has a one-word answer (see "The shapes world" in DESIGN.md).
+answerable from the pixels and has a one-word answer (docs/design.md, "The shapes world").
 Needs numpy, Pillow and sentencepiece only (no torch).
 """
 
