@@ -73,21 +73,25 @@ def sample():
 
 sample()
 print("ready", flush=True)
-while True:
-    ready, _, _ = select.select([sys.stdin], [], [], interval)
+# stdin read raw: a buffered readline could keep a second command that came in the same read out of select's sight
+pending, open_ = b"", True
+while open_:
+    ready, _, _ = select.select([0], [], [], interval)
     sample()
     if not ready:
         continue
-    line = sys.stdin.readline()
-    if not line:
-        break
-    command, _, arg = line.strip().partition(" ")
-    if command == "step":
-        step = arg
-        by_step.setdefault(step, dict.fromkeys(KINDS, 0))
-        sample()
-    elif command == "result":
-        print(json.dumps({"peak": peak, "by_step": by_step, "n": n}), flush=True)
+    data = os.read(0, 4096)
+    open_ = bool(data)
+    pending += data
+    while b"\n" in pending:
+        line, pending = pending.split(b"\n", 1)
+        command, _, arg = line.decode().strip().partition(" ")
+        if command == "step":
+            step = arg
+            by_step.setdefault(step, dict.fromkeys(KINDS, 0))
+            sample()
+        elif command == "result":
+            print(json.dumps({"peak": peak, "by_step": by_step, "n": n}), flush=True)
 """
 
 

@@ -67,13 +67,14 @@ class ChatSession:
         self.turns = []
         return self.image
 
-    def prefill(self) -> None:
+    def prefill(self):
         """Start evaluating the conversation's image prefix (system prompt + image) now, before the question is
-        known; whoever steps the engine (its thread, or the next ask) carries it on. The answers do not change."""
-        if self.image is None or self.turns or self._prefill is not None:
-            return
-        self._prefill = self.engine.prefill(self.messages(""), self.image_tokens)
-        self._paid_ahead = True
+        known; whoever steps the engine (its thread, or the next ask) carries it on. The answers do not change.
+        Returns the prefill's Generation (None when there is nothing to prefill)."""
+        if self.image is not None and not self.turns and self._prefill is None:
+            self._prefill = self.engine.prefill(self.messages(""), self.image_tokens)
+            self._paid_ahead = True
+        return self._prefill
 
     @contextmanager
     def while_typing(self):
