@@ -107,8 +107,8 @@ def chat(
                                       help="0 = greedy and deterministic; > 0 samples"),
     top_p: float = typer.Option(default(SamplingConfig, "top_p"), help="nucleus sampling (with temperature > 0)"),
     seed: Optional[int] = typer.Option(default(SamplingConfig, "seed"), help="sampling seed"),
-    as_json: bool = typer.Option(False, "--json", help="one JSON object per answer, with its timings (with --prompt, "
-                                                       "or per question read from stdin)"),
+    as_json: bool = typer.Option(False, "--json", help="with --prompt: one JSON object with the answer and timings; "
+                                                       "without it, one JSON line per question read from stdin"),
     image_tokens: Optional[int] = typer.Option(default(EngineConfig, "image_tokens"), help=IMAGE_TOKENS_HELP),
     device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),

@@ -11,6 +11,7 @@ itself (chat), so Ctrl-C lands in the caller's thread.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import time
@@ -158,6 +159,10 @@ class Engine:
             self._thread = None
 
     def _loop(self) -> None:
+        if hasattr(signal, "pthread_sigmask"):
+            # Ctrl-C is for the main thread (the chat's line reader, the server's shutdown): a SIGINT the kernel
+            # gave this thread would leave a readline prompt blind to it until the next key.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         while not self._stopping:
             try:
                 busy = self.step()
