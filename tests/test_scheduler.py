@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_edge.runtime.scheduler import Job, QueueFull, Scheduler, common_prefix, prefill_budget
+from llava_edge.runtime.scheduler import Job, QueueFull, Scheduler, StepCost, common_prefix, prefill_budget
 
 
 def image(name: str, n: int) -> list:
@@ -139,12 +139,29 @@ def test_an_image_chunk_never_exceeds_n_batch():
     assert sum(sizes) == 10 and sizes[0] == 3 and max(sizes) == 4  # the first shares its step with a text token
 
 
-def test_step_budget_holds_a_step_to_the_measured_speed():
-    assert prefill_budget(512, 0.01, 1.0, decoding=False, background=False) == 512  # alone: whole batches
-    assert prefill_budget(512, 0.01, 1.0, decoding=True, background=False) == 100  # 1 s at 10 ms a position
-    assert prefill_budget(512, 0.001, 1.0, decoding=True, background=False) == 512  # never past n_batch
-    assert prefill_budget(512, 1.0, 1.0, decoding=True, background=False) == 16  # never below 16
-    assert prefill_budget(512, None, 1.0, decoding=False, background=True) == 32  # unmeasured: small first step
+def test_step_cost_fits_a_fixed_part_and_a_part_per_position():
+    cost = StepCost()
+    assert cost.fit() is None
+    for n in (1, 16, 64, 512, 32):  # a 7B on 2 cores: 0.5 s per decode plus 29 ms per position
+        cost.add(n, 0.5 + 0.029 * n)
+    a, b = cost.fit()
+    assert a == pytest.approx(0.5) and b == pytest.approx(0.029)
+    assert cost.positions_within(1.0) == 17
+    one_size = StepCost()
+    one_size.add(100, 2.0)
+    assert one_size.fit() == (0.0, pytest.approx(0.02))  # one size: all of it per position
+
+
+def test_step_budget_holds_a_step_to_the_measured_cost():
+    cost = StepCost()
+    assert prefill_budget(512, cost, 1.0, decoding=True, background=False) == 32  # unmeasured: small first step
+    for n in (1, 64, 512):
+        cost.add(n, 0.5 + 0.01 * n)
+    assert prefill_budget(512, cost, 1.0, decoding=False, background=False) == 512  # alone: whole batches
+    assert prefill_budget(512, cost, 1.0, decoding=True, background=False) == 50  # (1 s - 0.5 s) / 10 ms
+    assert prefill_budget(512, cost, 3.0, decoding=False, background=True) == 250
+    assert prefill_budget(512, cost, 30.0, decoding=True, background=False) == 512  # never past n_batch
+    assert prefill_budget(512, cost, 0.1, decoding=True, background=False) == 16  # never below 16
 
 
 def test_prefill_only_job_evaluates_everything_and_wants_no_logits():

@@ -29,7 +29,7 @@ from .llama_loader import open_llama
 from .prefix_state import PrefixStates
 from .prompt import Message, PromptRenderer, check_messages
 from .sampling import SamplingConfig
-from .scheduler import Job, QueueFull, Scheduler, Slot, StepPlan, prefill_budget
+from .scheduler import Job, QueueFull, Scheduler, Slot, StepCost, StepPlan, prefill_budget
 from .vision import EmbeddingCache, EncodedImage, VisionEncoder
 
 EngineBusy = QueueFull  # the name the server and caption know it by
@@ -55,7 +55,7 @@ class Engine:
         self.prefix_states = PrefixStates(config.kv_cache_dir, llm, bundle.manifest["files"]["decoder"]["sha256"],
                                           bundle.template, config.f32_kv) if config.kv_cache_dir else None
         self.image_cache_hits = 0
-        self.seconds_per_position: float | None = None  # measured prefill speed, for the step budget
+        self.step_cost = StepCost()  # measured decode times, for the step budget
         self._step_lock = threading.Lock()  # one stepper at a time: llama.cpp's context is not thread-safe
         self._wakeup = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -188,8 +188,9 @@ class Engine:
             active = self.scheduler.active()
             if not active:
                 return False
-            budget = prefill_budget(self.n_batch, self.seconds_per_position, self.config.step_seconds,
-                                    decoding=any(s.job.decoding for s in active),
+            decoding = any(s.job.decoding for s in active)
+            step_seconds = self.config.step_seconds if decoding else self.config.prefill_ahead_step_seconds
+            budget = prefill_budget(self.n_batch, self.step_cost, step_seconds, decoding,
                                     background=any(s.job.prefill_only for s in active))
             plan = self.scheduler.plan(budget)
             try:
@@ -223,9 +224,10 @@ class Engine:
             a.job.owner.started(a.job.cursor, len(a.job.keys) - a.job.cursor, bool(restored))
 
     def _execute(self, plan: StepPlan) -> None:
-        t0 = time.perf_counter()
         if plan.tokens:
+            t0 = time.perf_counter()
             self.executor.decode_tokens([(e.slot.seq, e.pos, e.token, e.wants_logits) for e in plan.tokens])
+            self.step_cost.add(len(plan.tokens), time.perf_counter() - t0)
             self.scheduler.commit_tokens(plan)
             for row, e in enumerate(plan.tokens):
                 if e.wants_logits:
@@ -234,17 +236,14 @@ class Engine:
             c = plan.image
             gen = c.slot.job.owner
             embeds = gen.images[c.span_start][c.begin - c.span_start:c.end - c.span_start]
+            t0 = time.perf_counter()
             self.executor.decode_embeddings(c.slot.seq, c.pos, embeds, c.wants_logits)
+            self.step_cost.add(c.end - c.begin, time.perf_counter() - t0)
             self.scheduler.commit_image(plan)
             if self.prefix_states is not None and c.end == c.slot.job.first_image_end():
                 self.prefix_states.save(c.slot.seq, c.slot.job.keys[:c.end])
             if c.wants_logits:
                 self._draw(c.slot, c.end - c.begin - 1)
-        n = len(plan.tokens) + (plan.image.end - plan.image.begin if plan.image else 0)
-        if n >= 16:  # steps of a few decode tokens say little about prefill speed
-            seconds = (time.perf_counter() - t0) / n
-            old = self.seconds_per_position
-            self.seconds_per_position = seconds if old is None else 0.7 * old + 0.3 * seconds
 
     def _draw(self, slot: Slot, row: int) -> None:
         gen = slot.job.owner
