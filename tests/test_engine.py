@@ -13,6 +13,7 @@ from llava_edge.runtime.engine import Engine, EngineBusy, EngineConfig
 from llava_edge.runtime.generation import Message
 from llava_edge.runtime.sampling import SamplingConfig
 from llava_edge.runtime.session import ChatSession
+from llava_edge.runtime.vision import EmbeddingCache
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -130,6 +131,22 @@ def test_a_prefill_while_the_user_types_changes_nothing_but_the_wait(serial_answ
     eng.close()
 
 
+def test_an_image_a_free_slot_holds_is_not_encoded_again(serial_answers):
+    eng = Engine.open(config=EngineConfig(parallel=2, threads=1))
+    image, q = IMAGES[1], QUESTIONS[1]
+    assert "".join(ask(eng, image, q)) == serial_answers[image.name, q]
+    eng.vision.cache = EmbeddingCache()  # it forgets the image; the slot's KV still holds it
+    encodes = []
+    encode = eng.vision.encode
+    eng.vision.encode = lambda *a, **kw: encodes.append(a) or encode(*a, **kw)
+    again = ask(eng, image, q)
+    assert "".join(again) == serial_answers[image.name, q] and encodes == []
+    assert again.answer.timings.n_cached >= eng.n_image_tokens
+    eng.forget()  # now no KV holds it: encoded
+    assert "".join(ask(eng, image, q)) == serial_answers[image.name, q] and len(encodes) == 1
+    eng.close()
+
+
 def test_a_question_asked_during_the_prefill_waits_for_it_and_reuses_it(serial_answers):
     eng = Engine.open(config=EngineConfig(parallel=1, threads=1, n_batch=16))  # small steps: the prefill takes several
     image, q = IMAGES[0], QUESTIONS[2]
@@ -168,16 +185,20 @@ def test_image_prefix_kv_restored_from_disk_in_a_new_engine(tmp_path, serial_ans
     assert len(list((tmp_path / "kv").glob("*.kv"))) == 1
 
     warm = Engine.open(config=config)
+    encodes = []
+    encode = warm.vision.encode
+    warm.vision.encode = lambda *a, **kw: encodes.append(a) or encode(*a, **kw)
     again = ask(warm, image, q)
     assert "".join(again) == serial_answers[image.name, q]
     t = again.answer.timings
     assert t.kv_restored and t.n_cached >= warm.n_image_tokens and t.n_prefilled < 40
+    assert encodes == [] and t.vision_ms == 0  # a KV hit skips the image encode too
     warm.close()
 
     for entry in (tmp_path / "kv").glob("*.kv"):  # a damaged entry is not trusted: prefilled again
         entry.write_bytes(entry.read_bytes()[:-10])
     damaged = Engine.open(config=config)
-    third = ask(damaged, image, q)
+    third = ask(damaged, image, q)  # deferred encode, then the entry fails: encoded in the step after all
     assert "".join(third) == serial_answers[image.name, q] and not third.answer.timings.kv_restored
     assert third.answer.timings.n_cached == 0
     damaged.close()

@@ -27,9 +27,9 @@ from .executor import Executor
 from .generation import Generation
 from .llama_loader import open_llama
 from .prefix_state import PrefixStates
-from .prompt import Message, PromptRenderer, check_messages
+from .prompt import DeferredImage, Message, Prompt, PromptRenderer, check_messages
 from .sampling import SamplingConfig
-from .scheduler import Job, QueueFull, Scheduler, Slot, StepCost, StepPlan, prefill_budget
+from .scheduler import Job, QueueFull, Scheduler, Slot, StepCost, StepPlan, common_prefix, prefill_budget
 from .vision import EmbeddingCache, EncodedImage, VisionEncoder
 
 EngineBusy = QueueFull  # the name the server and caption know it by
@@ -101,8 +101,9 @@ class Engine:
         self.scheduler.reserve()
         try:
             timings = Timings(image_tokens=image_tokens or self.n_image_tokens)
-            encoded = [self._encode(source, image_tokens, timings) for m in messages for source in m.images]
-            prompt = self.renderer.render(messages, encoded)
+            images = [self._image(source, image_tokens) for m in messages for source in m.images]
+            prompt = self.renderer.render(messages, images)
+            self._encode_what_no_cache_holds(prompt, timings)
             if prefill_only:
                 if not prompt.images:
                     raise UserError("nothing to prefill: the conversation has no image")
@@ -122,14 +123,39 @@ class Engine:
         self._wake()
         return gen
 
-    def _encode(self, source, image_tokens: int | None, timings: Timings) -> EncodedImage:
+    def _image(self, source, image_tokens: int | None) -> EncodedImage | DeferredImage:
+        """The embeddings when they are at hand (given, or in the embedding cache), else a DeferredImage."""
         if isinstance(source, EncodedImage):  # encoded by the caller, who reports its cost
             return source
-        image = self.vision.encode(source) if image_tokens is None else self.vision.encode(source, image_tokens)
-        self.image_cache_hits += image.cached
-        timings.vision_ms += image.vision_ms
-        timings.image_cached = timings.image_cached or image.cached
-        return image
+        _, data, sha = self.vision.identify(source)
+        hit = self.vision.cached(sha) if image_tokens is None else None
+        if hit is not None:
+            self.image_cache_hits += 1
+            return hit
+        return DeferredImage(data, sha, image_tokens or self.n_image_tokens, image_tokens)
+
+    def _encode_what_no_cache_holds(self, prompt: Prompt, timings: Timings) -> None:
+        """Encode the deferred images whose positions no KV holds: a free slot's KV, or the disk store's entry for
+        the prompt up to its first image (then a restart skips the encode as well as the prefill)."""
+        first = min(prompt.images) if prompt.images else None
+        for start, image in prompt.images.items():
+            if not isinstance(image, DeferredImage):
+                continue
+            end = start + image.n_tokens
+            held = any(common_prefix(s.held, prompt.keys) >= end for s in self.slots if s.job is None)
+            stored = self.prefix_states is not None and start == first and self.prefix_states.has(prompt.keys[:end])
+            if held or stored:
+                timings.image_cached = True
+                continue
+            encoded = self._encode(image)
+            timings.vision_ms += encoded.vision_ms
+            timings.image_cached = timings.image_cached or encoded.cached
+            prompt.images[start] = encoded.embeds
+
+    def _encode(self, image: DeferredImage) -> EncodedImage:
+        if image.image_tokens is None:
+            return self.vision.encode(image.source)
+        return self.vision.encode(image.source, image.image_tokens)
 
     def cancel(self, gen: Generation, reason: str) -> None:
         self.scheduler.cancel(gen.job, reason)
@@ -235,6 +261,8 @@ class Engine:
         if plan.image is not None:
             c = plan.image
             gen = c.slot.job.owner
+            if isinstance(gen.images[c.span_start], DeferredImage):  # the KV that held it was lost meanwhile
+                gen.images[c.span_start] = self._encode(gen.images[c.span_start]).embeds
             embeds = gen.images[c.span_start][c.begin - c.span_start:c.end - c.span_start]
             t0 = time.perf_counter()
             self.executor.decode_embeddings(c.slot.seq, c.pos, embeds, c.wants_logits)

@@ -31,6 +31,10 @@ class PrefixStates:
         positions = [k if isinstance(k, int) else k[1] for k in prefix]
         return PrefixKey(self._decoder, self._template, prefix[-1][1], positions_digest(positions), self._runtime)
 
+    def has(self, prefix: list) -> bool:
+        """Whether an entry for the prefix is stored (it may still turn out unusable when restored)."""
+        return self.cache.path(self.key(prefix)).exists()
+
     def restore(self, seq: int, prefix: list) -> bool | None:
         """Load the prefix into sequence `seq`: True when it now holds exactly the prefix; None when there is
         no entry (the sequence is untouched); False when the entry was unusable (the sequence is emptied)."""

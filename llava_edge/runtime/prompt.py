@@ -25,19 +25,33 @@ class Message:
 
 
 @dataclass
+class DeferredImage:
+    """An image not encoded (yet): a KV cache seems to hold its positions already. The engine encodes it only if
+    they must be evaluated after all."""
+    source: bytes
+    sha256: str
+    n_tokens: int
+    image_tokens: int | None  # the budget it is to be encoded with (None: all)
+
+
+@dataclass
 class Prompt:
     keys: list[Key]
-    images: dict[int, np.ndarray]  # first position of each image -> its embeddings [n, n_embd]
+    images: dict[int, np.ndarray | DeferredImage]  # first position of each image -> its embeddings [n, n_embd]
 
     @property
     def image_spans(self) -> dict[int, int]:
-        return {start: len(e) for start, e in self.images.items()}
+        return {start: _n_tokens(e) for start, e in self.images.items()}
 
     def upto_last_image(self) -> Prompt:
         """The positions up to the end of the last image: what the next question does not change (the text
         before an image is tokenized on its own, so this is exactly the start of any longer prompt)."""
         start = max(self.images)
-        return Prompt(self.keys[:start + len(self.images[start])], self.images)
+        return Prompt(self.keys[:start + _n_tokens(self.images[start])], self.images)
+
+
+def _n_tokens(image: np.ndarray | DeferredImage) -> int:
+    return image.n_tokens if isinstance(image, DeferredImage) else len(image)
 
 
 def check_messages(messages: list[Message]) -> None:
@@ -66,7 +80,7 @@ class PromptRenderer:
     n_image_tokens: int  # per image at the full budget
 
     def render(self, messages: list[Message], encoded: list) -> Prompt:
-        """messages, with their images already encoded (EncodedImage, in message order) -> Prompt."""
+        """messages, with their images (EncodedImage or DeferredImage, in message order) -> Prompt."""
         prompt = render_messages(self.template, [(m.role, m.text, len(m.images)) for m in messages])
         ids = tokenize_prompt(prompt, self.tokenize, self.bos_id, IMAGE_TOKEN_INDEX, {"</s>": self.eos_id})
         if ids.count(IMAGE_TOKEN_INDEX) != len(encoded):
@@ -79,11 +93,16 @@ class PromptRenderer:
                 keys.append(int(t))
                 continue
             image = next(pending)
-            n = image.embeds.shape[0] if image.embeds.ndim == 2 else -1
-            if image.embeds.ndim != 2 or not 1 <= n <= self.n_image_tokens or image.embeds.shape[1] != self.n_embd:
-                raise UserError(f"image embeddings have shape {image.embeds.shape}; the decoder needs "
-                                f"[at most {self.n_image_tokens}, {self.n_embd}]")
-            images[len(keys)] = image.embeds
+            if isinstance(image, DeferredImage):
+                n = image.n_tokens
+                images[len(keys)] = image
+            else:
+                shape = image.embeds.shape
+                n = shape[0] if len(shape) == 2 else -1
+                if len(shape) != 2 or not 1 <= n <= self.n_image_tokens or shape[1] != self.n_embd:
+                    raise UserError(f"image embeddings have shape {shape}; the decoder needs "
+                                    f"[at most {self.n_image_tokens}, {self.n_embd}]")
+                images[len(keys)] = image.embeds
             name = image_id(image.sha256, n, self.n_image_tokens)
             keys.extend(("image", name, i) for i in range(n))
         bad = [k for k in keys if isinstance(k, int) and not 0 <= k < self.n_vocab]

@@ -146,17 +146,24 @@ class VisionEncoder:
             raise UserError(f"vision graph returned {out.shape}, the manifest promises {expected}")
         return out
 
+    def identify(self, source: str | os.PathLike | bytes) -> tuple[str, bytes, str]:
+        """(name, bytes, sha256) of an image file or its bytes, without decoding it."""
+        name, data = read_image_source(source)
+        return name, data, hashlib.sha256(data).hexdigest()
+
+    def cached(self, sha256: str) -> EncodedImage | None:
+        hit = self.cache.get(f"{self.graph_sha[:16]}-{sha256}")
+        return None if hit is None else EncodedImage(hit, sha256, 0.0, True)
+
     def encode(self, source: str | os.PathLike | bytes) -> EncodedImage:
         """One image file (or its bytes) -> its embeddings, from the cache when the same bytes were seen."""
-        name, data = read_image_source(source)
-        sha = hashlib.sha256(data).hexdigest()
-        key = f"{self.graph_sha[:16]}-{sha}"
-        hit = self.cache.get(key)
+        name, data, sha = self.identify(source)
+        hit = self.cached(sha)
         if hit is not None:
-            return EncodedImage(hit, sha, 0.0, True)
+            return hit
         t0 = time.perf_counter()  # preprocessing counts: it is part of what an image costs
         pixels = self.pixels(data, name)
         embeds = np.ascontiguousarray(self.encode_pixels(pixels[None])[0])
         ms = 1000 * (time.perf_counter() - t0)
-        self.cache.put(key, embeds)
+        self.cache.put(f"{self.graph_sha[:16]}-{sha}", embeds)
         return EncodedImage(embeds, sha, ms, False)
