@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from llava_edge.runtime.scheduler import Job, QueueFull, Scheduler, StepCost, common_prefix, prefill_budget
+from llava_edge.runtime.scheduler import (Budget, Job, QueueFull, Scheduler, StepCost, common_prefix,
+                                          prefill_budget)
 
 
 def image(name: str, n: int) -> list:
@@ -98,7 +99,7 @@ def test_decoding_tokens_come_first_and_prefill_is_first_come_first_served():
     b = submit(s, job([1] + image("b", 20) + [5]))
     c = submit(s, job([1, 8, 9, 10]))
     s.admit()
-    plan = s.plan(prefill_budget=6)
+    plan = s.plan(6)
     # a's next token, then b's text (b came first), then b's image chunk within the budget; c waits
     assert [(e.slot.job, e.token) for e in plan.tokens] == [(a, 7), (b, 1)]
     assert plan.image.slot.job is b and (plan.image.begin, plan.image.end) == (1, 6)
@@ -116,7 +117,7 @@ def test_the_prefill_budget_leaves_room_for_every_decoding_token():
     run_to_decoding(s)
     submit(s, job(list(range(3, 40))))
     s.admit()
-    plan = s.plan(prefill_budget=512)
+    plan = s.plan(512)
     assert len(plan.tokens) == 8  # n_batch: 3 decoding tokens and 5 of prefill
     assert sum(e.wants_logits for e in plan.tokens) == 3
 
@@ -152,16 +153,37 @@ def test_step_cost_fits_a_fixed_part_and_a_part_per_position():
     assert one_size.fit() == (0.0, pytest.approx(0.02))  # one size: all of it per position
 
 
-def test_step_budget_holds_a_step_to_the_measured_cost():
+def test_step_budget_never_slows_a_decoding_answer_past_its_share():
     cost = StepCost()
-    assert prefill_budget(512, cost, 1.0, decoding=True, background=False) == 32  # unmeasured: small first step
-    for n in (1, 64, 512):
+    assert prefill_budget(512, cost, 1, 0.25, 3.0, background=False) == Budget(32, 0)  # unmeasured: small, text
+    for n in (1, 64, 512):  # a CPU: 0.5 s per decode plus 10 ms per position
         cost.add(n, 0.5 + 0.01 * n)
-    assert prefill_budget(512, cost, 1.0, decoding=False, background=False) == 512  # alone: whole batches
-    assert prefill_budget(512, cost, 1.0, decoding=True, background=False) == 50  # (1 s - 0.5 s) / 10 ms
-    assert prefill_budget(512, cost, 3.0, decoding=False, background=True) == 250
-    assert prefill_budget(512, cost, 30.0, decoding=True, background=False) == 512  # never past n_batch
-    assert prefill_budget(512, cost, 0.1, decoding=True, background=False) == 16  # never below 16
+    assert prefill_budget(512, cost, 0, 0.25, 3.0, background=False) == Budget(512, 512)  # alone: whole batches
+    # one answer decoding: its 0.51 s step may grow by a quarter, 0.1275 s: 12 text positions, no image decode
+    assert prefill_budget(512, cost, 1, 0.25, 3.0, background=False) == Budget(12, 0)
+    # where a decode's fixed cost is small (a GPU), an image chunk fits too
+    gpu = StepCost()
+    for n in (1, 64, 512):
+        gpu.add(n, 0.01 + 0.0001 * n)
+    assert prefill_budget(512, gpu, 1, 0.25, 3.0, background=False) == Budget(25, 0)
+    assert prefill_budget(512, gpu, 1, 2.0, 3.0, background=False) == Budget(202, 102)
+    assert prefill_budget(512, cost, 0, 0.25, 3.0, background=True) == Budget(250, 250)  # typing: ~3 s steps
+    assert prefill_budget(512, cost, 0, 0.25, 0.1, background=True) == Budget(16, 16)  # never below 16
+
+
+def test_a_plan_without_image_budget_leaves_the_image_for_later():
+    s = Scheduler(n_slots=2, queue_limit=2, n_batch=64)
+    submit(s, job([1, 2, 3]))
+    s.admit()
+    run_to_decoding(s)
+    b = submit(s, job([1, 5] + image("b", 20) + [6]))
+    s.admit()
+    plan = s.plan(Budget(tokens=8, image=0))
+    assert [e.token for e in plan.tokens] == [7, 1, 5] and plan.image is None
+    s.commit_tokens(plan)
+    assert b.cursor == 2
+    plan = s.plan(Budget(tokens=8, image=8))
+    assert (plan.image.begin, plan.image.end) == (2, 10)
 
 
 def test_prefill_only_job_evaluates_everything_and_wants_no_logits():

@@ -245,7 +245,9 @@ def concurrent_level(server: Server, clients: int, images: Images, cfg: ServerCa
         raise RuntimeError(f"{server.name}, {clients} clients: {errors[:2]}")
     ttft = [1000 * (r.t_first - r.t_send) for r in results]
     windows = sorted((r.t_first, r.t_end) for r in results)
-    return {"server": server.name, "clients": clients, "wall_s": wall, "ttft_ms_p50": statistics.median(ttft),
+    latency = sorted(r.t_end - r.t_send for r in results)  # when each answer ended, from its request
+    return {"server": server.name, "clients": clients, "wall_s": wall, "latency_s": latency,
+            "mean_latency_s": statistics.mean(latency), "ttft_ms_p50": statistics.median(ttft),
             "ttft_ms_p90": float(np.percentile(ttft, 90)), "ttft_ms": ttft,
             "decode_tokens_per_s": sum(r.n_tokens - 1 for r in results) / _union_length(windows),
             "rss_mb": server.rss_mb()}
@@ -374,7 +376,10 @@ def _ratios(rows: list[dict], turns: list[dict], top: int) -> dict:
     edge, base = "llava-edge", "llama-cpp-python server"
     turn = {(t["server"], t["api"]): t["second_ttft_ms"] for t in turns}
     return {f"wall_{top}_clients_vs_llamacpp_server": row(edge, top)["wall_s"] / row(base, top)["wall_s"],
-            f"decode_{top}_clients_vs_own_1_client": row(edge, top)["decode_tokens_per_s"] / row(edge, 1)["decode_tokens_per_s"],
+            f"mean_latency_{top}_clients_vs_llamacpp_server":
+                row(edge, top)["mean_latency_s"] / row(base, top)["mean_latency_s"],
+            **({f"decode_{top}_clients_vs_own_1_client": row(edge, top)["decode_tokens_per_s"] / row(edge, 1)[
+                "decode_tokens_per_s"]} if any(r["clients"] == 1 for r in rows) else {}),
             "second_turn_ttft_vs_llamacpp_server": turn[(edge, "openai")] / turn[(base, "openai")],
             "second_turn_ttft_ollama_api_vs_llamacpp_server": turn[(edge, "ollama")] / turn[(base, "openai")]}
 
@@ -394,9 +399,12 @@ def markdown(report: dict) -> str:
     lines = [f"# Server case: {report['bundle']}", "",
              f"{report['cpu']}, {report['cores']} cores, {report['threads']} threads; {report['n_decode']} tokens per "
              f"answer (EOS banned), one new image per request; the two servers measured in turns.", "",
-             "| server | clients | wall | aggregate decode | TTFT p50 | TTFT p90 | RSS |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "| server | clients | wall | answers ended (s) | mean latency | aggregate decode | TTFT p50 | TTFT p90 | RSS |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
-        lines.append(f"| {r['server']} | {r['clients']} | {r['wall_s']:.2f} s | {r['decode_tokens_per_s']:.1f} tok/s | "
+        ended = ", ".join(f"{x:.0f}" for x in r["latency_s"])
+        lines.append(f"| {r['server']} | {r['clients']} | {r['wall_s']:.2f} s | {ended} | {r['mean_latency_s']:.1f} s | "
+                     f"{r['decode_tokens_per_s']:.1f} tok/s | "
                      f"{r['ttft_ms_p50']:.0f} ms | {r['ttft_ms_p90']:.0f} ms | {r['rss_mb']:.0f} MB |")
     lines += ["", "| second turn re-sent in full | API | 1st-turn TTFT | 2nd-turn TTFT |", "|---|---|---:|---:|"]
     for t in report["second_turn"]:

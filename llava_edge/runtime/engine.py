@@ -214,9 +214,8 @@ class Engine:
             active = self.scheduler.active()
             if not active:
                 return False
-            decoding = any(s.job.decoding for s in active)
-            step_seconds = self.config.step_seconds if decoding else self.config.prefill_ahead_step_seconds
-            budget = prefill_budget(self.n_batch, self.step_cost, step_seconds, decoding,
+            budget = prefill_budget(self.n_batch, self.step_cost, sum(s.job.decoding for s in active),
+                                    self.config.decode_slowdown, self.config.prefill_ahead_step_seconds,
                                     background=any(s.job.prefill_only for s in active))
             plan = self.scheduler.plan(budget)
             try:

@@ -19,8 +19,8 @@ class EngineConfig:
     image_cache_dir: str | None = None  # image embeddings as .npy files too
     kv_cache_dir: str | None = None  # KV state after the image prefix, on disk
     image_tokens: int | None = None  # tokens per image when a request names none (None: all, the reference)
-    step_seconds: float = 1.0  # while an answer is being written, a step's prefill is held to about this long
-    prefill_ahead_step_seconds: float = 3.0  # the same for a prefill nobody waits on yet (the chat's, while typing)
+    decode_slowdown: float = 0.25  # prefill riding along may slow the next token of the answers by at most this
+    prefill_ahead_step_seconds: float = 3.0  # steps of a prefill nobody waits on yet (the chat's, while typing)
 
     def __post_init__(self):
         for name in ("parallel", "n_batch", "queue"):

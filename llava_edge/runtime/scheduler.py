@@ -137,16 +137,35 @@ class StepCost:
         return None if fit is None else int((seconds - fit[0]) / fit[1] + 1e-6)
 
 
-def prefill_budget(n_batch: int, cost: StepCost, step_seconds: float, decoding: bool, background: bool) -> int:
-    """Prefill positions one step may take. Alone, a prefill takes whole batches (fastest per position). While an
-    answer is being written, or for a prefill the user is not waiting on, a step is held to about step_seconds
-    at the measured cost, so that the next token of the answer (or a new question) waits about that long."""
-    if not (decoding or background):
-        return n_batch
-    n = cost.positions_within(step_seconds)
-    if n is None:  # not measured yet: a small first step measures it
-        return min(n_batch, 32)
-    return max(16, min(n_batch, n))
+@dataclass
+class Budget:
+    tokens: int  # prefill positions that may ride in the token decode
+    image: int  # image positions in this step's own embeddings decode (0: none this step)
+
+
+def prefill_budget(n_batch: int, cost: StepCost, n_decoding: int, slowdown: float, background_seconds: float,
+                   background: bool) -> Budget:
+    """Prefill positions one step may take.
+
+    Alone, a prefill takes whole batches (fastest per position). While answers are being written, prefill rides
+    along only as far as it slows their next token by at most `slowdown` (0.25: a quarter) at the measured cost:
+    text positions in the same decode; an image chunk, which needs a decode of its own (its fixed cost too), only
+    where that fits. On a 2-core CPU running a 7B that is a few text tokens and no image: a decoding answer is
+    finished first, which gives the lowest mean latency where batching saves little. A prefill nobody waits on yet
+    (the chat's, while the user types) is held to steps of about background_seconds, so that stopping it is quick."""
+    fit = cost.fit()
+    if n_decoding == 0 and not background:
+        return Budget(n_batch, n_batch)
+    if fit is None:  # not measured yet: a small first step measures it
+        return Budget(min(n_batch, 32), 0 if n_decoding else min(n_batch, 32))
+    a, b = fit
+    if n_decoding == 0:
+        n = max(16, min(n_batch, int((background_seconds - a) / b + 1e-6)))
+        return Budget(n, n)
+    allowed = slowdown * (a + b * n_decoding)  # seconds this step may add to the decode
+    tokens = max(0, min(n_batch - n_decoding, int(allowed / b + 1e-6)))
+    image = int((allowed - a) / b + 1e-6)
+    return Budget(tokens, min(n_batch, image) if image >= 16 else 0)
 
 
 def common_prefix(a: list[Key], b: list[Key]) -> int:
@@ -254,16 +273,20 @@ class Scheduler:
     def active(self) -> list[Slot]:
         return [s for s in self.slots if s.job is not None]
 
-    def plan(self, prefill_budget: int) -> StepPlan:
+    def plan(self, budget: Budget | int) -> StepPlan:
         """Every decoding job's next token, then prefill in arrival order: text tokens into the same batch, and
-        at most one image chunk. At most n_batch positions in each decode, at most prefill_budget of prefill."""
+        at most one image chunk. At most n_batch positions in each decode; of prefill, at most budget.tokens
+        in all and budget.image in the image chunk (an int: both)."""
+        if isinstance(budget, int):
+            budget = Budget(budget, budget)
+        image_budget = budget.image
         plan = StepPlan()
         active = self.active()
         for s in active:
             if s.job.decoding:
                 plan.tokens.append(TokenEntry(s, s.job.pending, len(s.held), True))
         room = self.n_batch - len(plan.tokens)
-        budget = min(prefill_budget, room)
+        budget = min(budget.tokens if budget.image == 0 else max(budget.tokens, budget.image), room)
         positions = {s.seq: len(s.held) for s in active}
         for s in sorted((s for s in active if not s.job.decoding), key=lambda s: s.job.arrival):
             job, i = s.job, s.job.cursor
@@ -274,8 +297,8 @@ class Scheduler:
                 budget -= 1
                 i += 1
             start = job.span_start(i) if i < len(job.keys) else None
-            if budget > 0 and plan.image is None and start is not None:
-                end = min(start + job.image_spans[start], i + budget, i + self.n_batch)
+            if budget > 0 and image_budget > 0 and plan.image is None and start is not None:
+                end = min(start + job.image_spans[start], i + budget, i + image_budget, i + self.n_batch)
                 last = end == len(job.keys)
                 plan.image = ImageChunk(s, start, i, end, last and not job.prefill_only)
                 budget -= end - i
