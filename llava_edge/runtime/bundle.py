@@ -98,6 +98,8 @@ class VisionSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     aspect: str
+    image_tokens_input: str | None = None  # the graph input for fewer tokens; None: a bundle from before token reduction
+    image_tokens_min: int = 1  # the fewest tokens it gives
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def open_bundle(bundle_dir: str | os.PathLike, verify: bool = True) -> Bundle:
         precision=v["precision"], image_size=v["image_size"], patch_size=v["patch_size"],
         n_image_tokens=v["n_image_tokens"], mean=tuple(float(x) for x in v["mean"]),
         std=tuple(float(x) for x in v["std"]), aspect=v["aspect"],
+        image_tokens_input=v.get("image_tokens_input"), image_tokens_min=v.get("image_tokens_min", 1),
     )
     return Bundle(
         path=bundle_dir, manifest=m,
