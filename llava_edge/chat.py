@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlparse
 
 from .errors import UserError
 from .line_input import line_reader
-from .runtime.bundle import DEMO_DOMAIN, Bundle, cache_dir
+from .runtime.bundle import DEMO_DOMAIN, Bundle, cache_dir, checked_image_tokens
 from .runtime.sampling import SamplingConfig
 from .runtime.session import ChatSession
 
@@ -49,18 +49,8 @@ def context_length(bundle: Bundle, n_ctx: int | None) -> int | None:
 
 
 def check_image_tokens(bundle: Bundle, image_tokens: int | None) -> None:
-    """--image-tokens checked before anything loads: a positive integer below the tower's token count, on a
-    bundle whose vision graph can reduce."""
-    if image_tokens is None:
-        return
-    n = bundle.vision.n_image_tokens
-    if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or image_tokens < 1:
-        raise UserError(f"--image-tokens must be a positive integer (got {image_tokens!r})")
-    if image_tokens >= n:
-        raise UserError(f"--image-tokens {image_tokens} is not below the {n} tokens an image takes "
-                        "(leave it out for all of them)")
-    if not bundle.vision.reducible:
-        raise UserError(f"{bundle.path} was exported before image-token reduction: re-export it for --image-tokens")
+    """--image-tokens checked before anything loads."""
+    checked_image_tokens(bundle.path, bundle.vision, image_tokens)
 
 
 def image_argument(text: str) -> Path:

@@ -227,5 +227,5 @@ def test_prompt_longer_than_the_context():
 def test_bad_options():
     assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--device", "npu"), "unknown device")
     assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--max-tokens", "0"), "max tokens")
-    assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--image-tokens", "0"), "positive integer")
-    assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--image-tokens", "64"), "not below the 64 tokens")
+    assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--image-tokens", "0"), "whole number from")
+    assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--image-tokens", "64"), "an image is 64 tokens")

@@ -10,7 +10,7 @@ import torch
 from llava_edge.export import onnx_vision
 from llava_edge.export.onnx_vision import export_vision_onnx_report, vision_parity
 from llava_edge.quant import onnx_files
-from llava_edge.quant.onnx_run import run_onnx
+from llava_edge.quant.onnx_run import embeddings_agreement, reference_embeddings, run_onnx, run_onnx_tokens
 from llava_edge.quant import onnx_vision as quant
 from llava_edge.quant.onnx_vision import choose_precision
 from llava_edge.reference.checkpoint import load_checkpoint
@@ -62,14 +62,49 @@ def test_graph_contract_and_checker(exported):
     model, report = exported
     onnx.checker.check_model(str(report.path))
     graph = onnx.load(str(report.path)).graph
-    (inp,), (out,) = graph.input, graph.output
-    assert inp.name == "pixel_values" and out.name == "image_embeds"
+    inputs, outputs = {i.name: i for i in graph.input}, {o.name: o for o in graph.output}
+    assert list(inputs) == ["pixel_values", "image_tokens"] and list(outputs) == ["image_embeds", "image_token_patches"]
+    inp, out = inputs["pixel_values"], outputs["image_embeds"]
     assert inp.type.tensor_type.elem_type == out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     s = model.cfg.vision.image_size
     assert dims == ["batch", 3, s, s]
     out_dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
-    assert out_dims[0] == "batch"
+    assert out_dims[0] == "batch" and isinstance(out_dims[1], str)  # the token count follows image_tokens
+    budget = inputs["image_tokens"].type.tensor_type
+    assert budget.elem_type == onnx.TensorProto.INT64 and len(budget.shape.dim) == 0
+    default = {t.name: t for t in graph.initializer}["image_tokens"]  # its default: every token
+    assert onnx.numpy_helper.to_array(default) == model.cfg.n_image_tokens
+
+
+def budgets_of(model) -> list[int]:
+    n, low = model.cfg.n_image_tokens, 1 + model.cfg.keeps_cls
+    return sorted({low, low + 1, n // 2, n - 1})
+
+
+def test_fewer_tokens_match_the_reference_at_several_budgets(exported):
+    model, report = exported
+    batch = pixels(3, model.cfg.vision.image_size, seed=21)
+    parity = onnx_vision.reduction_parity(report.path, model, batch, budgets_of(model))
+    assert list(parity) == [str(k) for k in budgets_of(model)]
+    for k, row in parity.items():
+        assert row["patches_equal"] == 1.0, k
+        assert row["cosine_min"] >= 0.99999 and row["max_abs"] <= 1e-4, k
+    embeds, patches = run_onnx_tokens(report.path, batch, image_tokens=2 + model.cfg.keeps_cls)
+    assert embeds.shape == (3, 2 + model.cfg.keeps_cls, model.cfg.projector.out_features)
+    assert patches.shape == embeds.shape[:2] and patches.dtype == np.int64
+    assert (patches[:, 0] == -1).all() == model.cfg.keeps_cls  # the CLS token comes first when the model keeps it
+
+
+def test_default_is_every_token_as_before(exported):
+    model, report = exported
+    batch = pixels(2, model.cfg.vision.image_size, seed=22)
+    default, patches = run_onnx_tokens(report.path, batch)
+    explicit = run_onnx(report.path, batch, image_tokens=model.cfg.n_image_tokens)
+    assert np.array_equal(default, explicit)
+    expected = list(range(model.cfg.vision.num_patches))
+    assert patches[1].tolist() == ([-1] + expected if model.cfg.keeps_cls else expected)
+    assert embeddings_agreement(default, reference_embeddings(model, batch))["cosine_min"] >= 0.99999
 
 
 def test_graph_runs_only_the_needed_layers(exported):
@@ -87,6 +122,8 @@ def test_default_dynamo_export_matches(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("vision.onnx*")) == ["vision.onnx"]  # small: no external data
     parity = vision_parity(report.path, model, pixels(3, 28))
     assert parity["cosine_min"] >= 0.99999 and parity["max_abs"] <= 1e-4
+    for row in onnx_vision.reduction_parity(report.path, model, pixels(3, 28), [1, 2, 3]).values():
+        assert row["patches_equal"] == 1.0 and row["cosine_min"] >= 0.99999
 
 
 @pytest.mark.parametrize("name", ["llava-hf-28-layer-2-patch", "llava-hf-56-layer-1-full"])
@@ -136,6 +173,11 @@ def test_reduced_precision_holds_its_fidelity_bound(exported, requested, bound):
     # an independent measurement on other pixels than the ones the choice was scored on
     assert vision_parity(choice.path, model, pixels(2, model.cfg.vision.image_size, seed=12))["cosine_min"] >= bound
     assert choice.cosine >= bound
+    # token reduction survives the conversion: K tokens, and the reference's where the same patches are chosen
+    parity = onnx_vision.reduction_parity(choice.path, model, pixels(4, model.cfg.vision.image_size, seed=12),
+                                          budgets_of(model))
+    assert sum(row["patches_equal"] for row in parity.values()) >= len(parity) / 2
+    assert all(row["cosine_min_same_patches"] >= bound for row in parity.values() if row["patches_equal"])
 
 
 def test_auto_keeps_int8_only_above_the_threshold(exported, monkeypatch):

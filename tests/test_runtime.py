@@ -79,7 +79,7 @@ def test_first_token_logits_match_the_reference_at_f32(tiny):
 def test_second_question_reuses_image_and_prefix(demo, monkeypatch):
     encodes = []
     original = demo.vision.encode_pixels
-    monkeypatch.setattr(demo.vision, "encode_pixels", lambda pixels: encodes.append(1) or original(pixels))
+    monkeypatch.setattr(demo.vision, "encode_pixels", lambda *args: encodes.append(1) or original(*args))
     demo.vision.cache = EmbeddingCache()
     demo.set_image(EXAMPLES / "green_triangle.png")
     first = demo.answer("What color is the triangle?" + SUFFIX)

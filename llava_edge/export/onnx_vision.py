@@ -1,6 +1,11 @@
 """The vision half of the edge bundle as one ONNX graph: CLIP up to the selected layer + the projector.
 
-    pixel_values float32 [batch, 3, S, S]  ->  image_embeds float32 [batch, n_image_tokens, n_embd]
+    pixel_values float32 [batch, 3, S, S], image_tokens int64 scalar K (optional: default every token)
+      ->  image_embeds float32 [batch, K, n_embd], image_token_patches int64 [batch, K]
+
+K < n_image_tokens asks for token reduction (reference/token_reduction.py), computed in the graph from the
+feature layer's own attention, before the projector; the default is the graph's initializer for that input,
+n_image_tokens, so a caller that feeds only pixel_values gets what graphs before token reduction gave.
 
 The graph is traced by torch (dynamo exporter by default) and holds standard ONNX ops only, so every
 execution provider (CPU, CUDA, TensorRT) can take all of it. ONNX Runtime fuses LayerNorm/GELU/MatMul
@@ -30,9 +35,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant.onnx_files import move_model, release_freed_memory, save_onnx
-from ..quant.onnx_run import INPUT_NAME, OUTPUT_NAME, cpu_session, embeddings_agreement, reference_embeddings, run_onnx
+from ..quant.onnx_files import move_model, release_freed_memory, save_onnx, write_single_file
+from ..quant.onnx_run import (
+    IMAGE_TOKENS_NAME, INPUT_NAME, OUTPUT_NAME, PATCHES_NAME, cpu_session, embeddings_agreement, reference_embeddings,
+    run_onnx, run_onnx_tokens,
+)
 from ..reference.llava import Llava
+from .onnx_token_reduction import cls_probe, reduce_static
 FUSED_MIN_COSINE = 0.99999  # the fp32 fidelity bound (docs/design.md, "Fidelity")
 
 
@@ -42,6 +51,10 @@ class ImageEncoder(nn.Module):
     Runs only the CLIP layers up to the deepest selected one. Attention is written out instead of
     calling scaled_dot_product_attention so that the exported graph has the MatMul/Softmax pattern that
     ONNX Runtime's CLIP attention fusion matches; parity with the reference is measured, not assumed.
+
+    image_tokens (int64 scalar, K) is `Llava.reduced_image_tokens`' budget: K >= n_image_tokens is every
+    token; fewer are chosen by token reduction on the deepest selected layer (onnx_token_reduction.py).
+    The graph also returns, for each token, the patch it stands for (-1: CLS).
     """
 
     def __init__(self, model: Llava):
@@ -52,20 +65,30 @@ class ImageEncoder(nn.Module):
         self.layers = nn.ModuleList(model.vision.encoder.layers[: max(model.cfg.feature_layers)])
         self.projector = model.projector
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         states = [x]
-        for layer in self.layers:
-            x = x + _attention(layer.self_attn, layer.layer_norm1(x))
+        for i, layer in enumerate(self.layers, start=1):
+            if i == len(self.layers):  # the deepest selected layer: what reduction reads
+                y, probe = _attention(layer.self_attn, layer.layer_norm1(x), probe=True)
+            else:
+                y = _attention(layer.self_attn, layer.layer_norm1(x))
+            x = x + y
             x = x + layer.mlp(layer.layer_norm2(x))
             states.append(x)
         picked = [states[i] for i in self.cfg.feature_layers]
-        if not self.cfg.keeps_cls:
-            picked = [s[:, 1:] for s in picked]
-        return self.projector(torch.cat(picked, dim=-1))
+        n_cls = int(self.cfg.keeps_cls)
+        budget = torch.clamp(image_tokens.reshape(()), 0, self.cfg.n_image_tokens)
+        rows, patches = reduce_static(torch.cat([s[:, 1:] for s in picked], dim=-1), *probe, budget - n_cls)
+        if n_cls:
+            rows = torch.cat([torch.cat([s[:, :1] for s in picked], dim=-1), rows], dim=1)
+            patches = torch.cat([torch.full_like(patches[:, :1], -1), patches], dim=1)
+        keep = torch.arange(budget)
+        return self.projector(torch.index_select(rows, 1, keep)), torch.index_select(patches, 1, keep)
 
 
-def _attention(attn, x: torch.Tensor) -> torch.Tensor:
+def _attention(attn, x: torch.Tensor, probe: bool = False):
+    """The layer's attention on x; probe: also what token reduction reads (onnx_token_reduction.cls_probe)."""
     B, T, D = x.shape
     h = attn.n_heads
     hd = D // h
@@ -73,7 +96,8 @@ def _attention(attn, x: torch.Tensor) -> torch.Tensor:
     k = attn.k_proj(x).view(B, T, h, hd).permute(0, 2, 3, 1)  # K^T in one Transpose, as the fusion expects
     v = attn.v_proj(x).view(B, T, h, hd).transpose(1, 2)
     weights = F.softmax((q @ k) * hd**-0.5, dim=-1)
-    return attn.out_proj((weights @ v).transpose(1, 2).reshape(B, T, D))
+    out = attn.out_proj((weights @ v).transpose(1, 2).reshape(B, T, D))
+    return (out, cls_probe(q, k, hd)) if probe else out
 
 
 @dataclass
@@ -139,25 +163,41 @@ def float32_encoder(model: Llava) -> ImageEncoder:
 
 
 def trace_to_onnx(encoder: ImageEncoder, image_size: int, path: Path, opset: int, exporter: str) -> None:
-    """Export with a dynamic batch. dynamo writes the weights to `<name>.data`: it then never holds a
-    serialized copy of the model (1.7 GB peak for ViT-L instead of 5.2 GB)."""
+    """Export with a dynamic batch and token count. dynamo writes the weights to `<name>.data`: it then never
+    holds a serialized copy of the model (1.7 GB peak for ViT-L instead of 5.2 GB)."""
     example = torch.zeros(2, 3, image_size, image_size)  # batch 2: torch.export would specialise a batch of 1
+    budget = torch.tensor(encoder.cfg.n_image_tokens // 2)
+    names = dict(input_names=[INPUT_NAME, IMAGE_TOKENS_NAME], output_names=[OUTPUT_NAME, PATCHES_NAME])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based exporter"
         warnings.simplefilter("ignore", FutureWarning)
         if exporter == "dynamo":
             logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)  # "no torchvision"
             torch.onnx.export(
-                encoder, (example,), str(path), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}}, opset_version=opset,
+                encoder, (example, budget), str(path), dynamo=True, **names, opset_version=opset,
+                dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}, "image_tokens": None},
                 external_data=True, verbose=False,
             )
         else:
             torch.onnx.export(
-                encoder, (example,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, opset_version=opset,
+                encoder, (example, budget), str(path), dynamo=False, **names, opset_version=opset,
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch", 1: "tokens"},
+                              PATCHES_NAME: {0: "batch", 1: "tokens"}},
                 do_constant_folding=True,
             )
+    default_all_tokens(path, encoder.cfg.n_image_tokens)
+
+
+def default_all_tokens(path: Path, n_image_tokens: int) -> None:
+    """Give the image_tokens input an initializer (ONNX's default for an input; a caller's value overrides it):
+    a run that feeds only pixel_values gets every token, as graphs from before token reduction did."""
+    external = Path(str(path) + ".data").exists()
+    proto = onnx.load(str(path), load_external_data=False)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.array(n_image_tokens, np.int64), IMAGE_TOKENS_NAME))
+    if external:  # the weights stay where they are; the graph that names them is small
+        onnx.save(proto, str(path))
+    else:
+        write_single_file(proto, path)
 
 
 def fuse_graph(src: Path, dst: Path, num_heads: int, hidden_size: int) -> None:
@@ -193,3 +233,27 @@ def vision_parity(onnx_path: str | os.PathLike, model: Llava, pixel_values, thre
     """The ONNX graph vs the PyTorch reference (`model.encode_images`) on the same pixels."""
     got = run_onnx(cpu_session(onnx_path, threads, low_memory=True), pixel_values)
     return embeddings_agreement(got, reference_embeddings(model, pixel_values))
+
+
+def parity_budgets(n_image_tokens: int, minimum: int = 1) -> list[int]:
+    """The K at which export measures token reduction: about 1/2, 1/4 and 1/9 of the tokens (64 of 576)."""
+    return sorted({min(n_image_tokens - 1, max(minimum, n_image_tokens // d)) for d in (2, 4, 9)})
+
+
+def reduction_parity(onnx_path, model: Llava, pixel_values, budgets: list[int], threads: int | None = None) -> dict:
+    """Per K (as a string): patches_equal, the share of images whose tokens stand for the reference's patches;
+    cosine_min and max_abs vs `model.reduced_image_tokens` over every token, and cosine_min_same_patches over
+    the images with equal patches only (None if none): a patch chosen differently makes a low cosine."""
+    session = cpu_session(onnx_path, threads, low_memory=True)
+    pixels = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32))
+    out = {}
+    for k in budgets:
+        got, got_patches = run_onnx_tokens(session, pixels.numpy(), image_tokens=k)
+        with torch.no_grad():
+            want, want_patches = model.reduced_image_tokens(pixels, k)
+        want = want.float().numpy()
+        same = [bool(np.array_equal(g, w)) for g, w in zip(got_patches, want_patches.numpy())]
+        same_cosine = embeddings_agreement(got[same], want[same])["cosine_min"] if any(same) else None
+        out[str(k)] = {"patches_equal": sum(same) / len(same), **embeddings_agreement(got, want),
+                       "cosine_min_same_patches": same_cosine}
+    return out

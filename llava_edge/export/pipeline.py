@@ -24,6 +24,7 @@ from ..peak_memory import PeakMemory
 from ..reference.checkpoint import load_checkpoint, read_llava_config
 from ..reference.hf_cache import resolve_checkpoint
 from ..paths import CALIBRATION_DIR
+from ..quant.onnx_run import IMAGE_TOKENS_NAME, PATCHES_NAME
 from ..runtime.bundle import FORMAT_VERSION
 from .bundle import file_entry, staged_dir, write_manifest
 
@@ -96,7 +97,7 @@ def write_bundle(loaded, tmp: Path, opts: ExportOptions, quant: str, memory: Pea
     from .decoder_source import source_from_loaded
     from .gguf_decoder import write_decoder_gguf
     from .gguf_parity import decoder_parity, tokenizer_parity
-    from .onnx_vision import export_vision_onnx, vision_parity
+    from .onnx_vision import export_vision_onnx, parity_budgets, reduction_parity, vision_parity
 
     cfg, model = loaded.config, loaded.model
     model.vision.float()
@@ -115,6 +116,9 @@ def write_bundle(loaded, tmp: Path, opts: ExportOptions, quant: str, memory: Pea
     if chosen.path != fp32_path:
         _remove_onnx(fp32_path)
     vision_check = vision_parity(vision_path, model, calib, opts.threads)
+    if reduction_fields(cfg):
+        budgets = parity_budgets(cfg.n_image_tokens, min_image_tokens(cfg))
+        vision_check["image_tokens"] = reduction_parity(vision_path, model, calib, budgets, opts.threads)
     with torch.no_grad():
         parity_image = model.encode_images(torch.from_numpy(calib[:1]))  # the decoder parity's image
     extra_files = {}
@@ -177,6 +181,7 @@ def build_manifest(loaded, opts: ExportOptions, quant: str, files: dict, precisi
             "image_size": cfg.vision.image_size,
             "patch_size": cfg.vision.patch_size,
             "n_image_tokens": cfg.n_image_tokens,
+            **reduction_fields(cfg),
             "mean": list(cfg.image_mean),
             "std": list(cfg.image_std),
             "aspect": cfg.aspect,
@@ -193,6 +198,19 @@ def build_manifest(loaded, opts: ExportOptions, quant: str, files: dict, precisi
         "template": get_template(cfg.template).name,
         "parity": parity,
     }
+
+
+def reduction_fields(cfg) -> dict:
+    """The manifest's word that the vision graph gives fewer tokens on request (token reduction)."""
+    if cfg.n_image_tokens <= min_image_tokens(cfg):
+        return {}
+    return {"image_tokens_input": IMAGE_TOKENS_NAME, "image_tokens_min": min_image_tokens(cfg),
+            "patches_output": PATCHES_NAME}
+
+
+def min_image_tokens(cfg) -> int:
+    """The fewest image tokens the graph gives: one, besides the CLS token when the checkpoint keeps it."""
+    return 1 + int(cfg.keeps_cls)
 
 
 def _move_onnx(src: Path, dst: Path) -> None:

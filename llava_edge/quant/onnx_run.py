@@ -14,6 +14,8 @@ from ..onnx_session import ort_session
 
 INPUT_NAME = "pixel_values"
 OUTPUT_NAME = "image_embeds"
+IMAGE_TOKENS_NAME = "image_tokens"  # int64 scalar input, default (its initializer): every token
+PATCHES_NAME = "image_token_patches"  # int64 [batch, tokens] output: the patch each token stands for, -1 = CLS
 
 
 def cpu_session(path: str | os.PathLike, threads: int | None = None, low_memory: bool = False):
@@ -21,13 +23,23 @@ def cpu_session(path: str | os.PathLike, threads: int | None = None, low_memory:
     low_memory for one-off runs (see onnx_session)."""
     if threads is None:
         threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
-    return ort_session(path, threads, low_memory=low_memory)
+    # quiet: ORT warns on every load that the image_tokens input has an initializer (its default, on purpose)
+    return ort_session(path, threads, low_memory=low_memory, quiet=True)
 
 
-def run_onnx(path_or_session, pixel_values, threads: int | None = None) -> np.ndarray:
-    """image_embeds for pixel_values [n, 3, S, S] (numpy or a CPU torch tensor)."""
+def run_onnx(path_or_session, pixel_values, threads: int | None = None, image_tokens: int | None = None) -> np.ndarray:
+    """image_embeds for pixel_values [n, 3, S, S] (numpy or a CPU torch tensor); image_tokens None: the
+    graph's default (every token)."""
+    return run_onnx_tokens(path_or_session, pixel_values, threads, image_tokens, [OUTPUT_NAME])[0]
+
+
+def run_onnx_tokens(path_or_session, pixel_values, threads=None, image_tokens=None, outputs=(OUTPUT_NAME, PATCHES_NAME)):
+    """The graph's outputs (default: image_embeds and image_token_patches) for pixel_values at image_tokens."""
     session = path_or_session if hasattr(path_or_session, "run") else cpu_session(path_or_session, threads)
-    return session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(pixel_values, dtype=np.float32)})[0]
+    feeds = {INPUT_NAME: np.ascontiguousarray(pixel_values, dtype=np.float32)}
+    if image_tokens is not None:
+        feeds[IMAGE_TOKENS_NAME] = np.array(image_tokens, dtype=np.int64)
+    return session.run(list(outputs), feeds)
 
 
 def embeddings_agreement(got: np.ndarray, expected: np.ndarray) -> dict:
@@ -41,11 +53,11 @@ def embeddings_agreement(got: np.ndarray, expected: np.ndarray) -> dict:
     return {"cosine_min": float(cosine.min()), "max_abs": float(np.abs(got - expected).max())}
 
 
-def reference_embeddings(model, pixel_values) -> np.ndarray:
+def reference_embeddings(model, pixel_values, image_tokens: int | None = None) -> np.ndarray:
     """The PyTorch reference's image tokens (`Llava.encode_images`) for pixel_values, as float32 numpy.
     model is passed in by export: quant itself never imports the reference."""
     import torch
 
     pixels = torch.as_tensor(np.asarray(pixel_values, dtype=np.float32))
     with torch.no_grad():
-        return model.encode_images(pixels).float().numpy()
+        return model.encode_images(pixels, image_tokens).float().numpy()

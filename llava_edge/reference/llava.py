@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..config import LlavaConfig, ProjectorConfig
 from .llama import KVCache, Llama
+from .token_reduction import reduce_image_tokens
 from .vision import VisionTransformer
 
 IGNORE_INDEX = -100
@@ -45,12 +46,44 @@ class Llava(nn.Module):
         self.projector = Projector(cfg.projector)
         self.language = Llama(cfg.text)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] preprocessed pixels -> image embeddings [B, n_image_tokens, text hidden]."""
+    def encode_images(self, pixel_values: torch.Tensor, image_tokens: int | None = None) -> torch.Tensor:
+        """[B, 3, S, S] preprocessed pixels -> image embeddings [B, n_image_tokens, text hidden], or
+        [B, image_tokens, text hidden] chosen by token reduction (see reduced_image_tokens)."""
+        if image_tokens is not None:
+            return self.reduced_image_tokens(pixel_values, image_tokens)[0]
         states = self.vision(pixel_values, self.cfg.feature_layers)
         if not self.cfg.keeps_cls:
             states = [s[:, 1:] for s in states]
-        features = torch.cat(states, dim=-1)
+        return self._project(torch.cat(states, dim=-1))
+
+    def reduced_image_tokens(self, pixel_values: torch.Tensor, image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings [B, K, text hidden], patches [B, K] long) for K = image_tokens, K <= n_image_tokens.
+
+        The features of the selected layers (concatenated) are reduced before the projector, by the [CLS]
+        attention and keys of the deepest selected layer (reference/token_reduction.py). `patches[b, j]` is
+        the patch token j stands for; -1 for the CLS token, which checkpoints that keep it keep first (it
+        counts in K). K = n_image_tokens is every token in raster order, as encode_images without K.
+        """
+        n_patches = self.cfg.vision.num_patches
+        n_cls = int(self.cfg.keeps_cls)
+        if isinstance(image_tokens, bool) or not isinstance(image_tokens, int) or not (
+                n_cls + 1 <= image_tokens <= self.cfg.n_image_tokens):
+            raise ValueError(f"image_tokens must be an integer from {n_cls + 1} to {self.cfg.n_image_tokens}, "
+                             f"not {image_tokens!r}")
+        states, probe = self.vision.forward_with_probe(pixel_values, self.cfg.feature_layers)
+        features = torch.cat([s[:, 1:] for s in states], dim=-1)
+        batch = pixel_values.shape[0]
+        if image_tokens == self.cfg.n_image_tokens:
+            patches = torch.arange(n_patches).expand(batch, -1)
+        else:
+            reduced = reduce_image_tokens(features, *probe, image_tokens - n_cls)
+            features, patches = reduced.tokens, reduced.patches
+        if n_cls:
+            features = torch.cat([torch.cat([s[:, :1] for s in states], dim=-1), features], dim=1)
+            patches = torch.cat([torch.full((batch, 1), -1), patches], dim=1)
+        return self._project(features), patches
+
+    def _project(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features.to(self.projector.linears[0].weight.dtype))
 
     def embed(

@@ -51,6 +51,16 @@ class VisionAttention(nn.Module):
         y = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)))
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))
 
+    def cls_probe(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What token reduction reads of this attention on input x [B, T, D] (token 0 = CLS): the CLS query's
+        attention probabilities over the patches [B, heads, T-1] and the patches' keys [B, heads, T-1, hd]."""
+        B, T, D = x.shape
+        hd = D // self.n_heads
+        q = self.q_proj(x[:, :1]).view(B, 1, self.n_heads, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_heads, hd).transpose(1, 2)
+        weights = F.softmax((q @ k.transpose(-1, -2)).float() * hd**-0.5, dim=-1)
+        return weights[:, :, 0, 1:], k[:, :, 1:]
+
 
 class VisionMLP(nn.Module):
     def __init__(self, cfg: VisionConfig):
@@ -94,13 +104,25 @@ class VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # used by CLIP pooling only
 
     def forward(self, pixel_values: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        return self._run(pixel_values, layers)[0]
+
+    def forward_with_probe(self, pixel_values: torch.Tensor, layers: list[int]):
+        """`forward`, plus the CLS probe (see VisionAttention.cls_probe) of the deepest layer in `layers`."""
+        if max(layers) < 1:
+            raise ValueError("token reduction needs a transformer layer's attention; the features are the embeddings")
+        return self._run(pixel_values, layers, probe_layer=max(layers))
+
+    def _run(self, pixel_values: torch.Tensor, layers: list[int], probe_layer: int | None = None):
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         states = {0: x} if 0 in layers else {}
+        probe = None
         for i, layer in enumerate(self.encoder.layers[: max(layers)], start=1):
+            if i == probe_layer:
+                probe = layer.self_attn.cls_probe(layer.layer_norm1(x))
             x = layer(x)
             if i in layers:
                 states[i] = x
-        return [states[i] for i in layers]
+        return [states[i] for i in layers], probe
 
     def pooled(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP's image representation (post-LayerNorm CLS of the last layer), for contrastive training."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,8 @@ class VisionSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     aspect: str
-    image_tokens_input: str | None = None  # the graph input that takes a token budget (None: all tokens only)
+    image_tokens_input: str | None = None  # the graph input for fewer tokens; None: a bundle from before token reduction
+    image_tokens_min: int = 1  # the fewest tokens it gives
 
     @property
     def reducible(self) -> bool:
@@ -129,7 +131,8 @@ def open_bundle(bundle_dir: str | os.PathLike, verify: bool = True) -> Bundle:
     vision = VisionSpec(
         precision=v["precision"], image_size=v["image_size"], patch_size=v["patch_size"],
         n_image_tokens=v["n_image_tokens"], mean=tuple(float(x) for x in v["mean"]),
-        std=tuple(float(x) for x in v["std"]), aspect=v["aspect"], image_tokens_input=v.get("image_tokens_input"),
+        std=tuple(float(x) for x in v["std"]), aspect=v["aspect"],
+        image_tokens_input=v.get("image_tokens_input"), image_tokens_min=v.get("image_tokens_min", 1),
     )
     return Bundle(
         path=bundle_dir, manifest=m,
@@ -146,3 +149,19 @@ MAX_DEFAULT_N_CTX = 4096  # N sequences of a longer trained context would cost N
 def default_n_ctx(bundle: Bundle) -> int:
     """Positions per sequence when none are asked for: the model's trained context, at most 4096."""
     return min(bundle.n_ctx_train or MAX_DEFAULT_N_CTX, MAX_DEFAULT_N_CTX)
+
+
+def checked_image_tokens(path, spec: VisionSpec, image_tokens, reducible: bool | None = None) -> int | None:
+    """An image-token budget as the int the vision graph takes (None stays None: every token), or a one-line
+    UserError: a whole number from the graph's minimum to one below the tower's token count, on a bundle whose
+    graph can reduce."""
+    if image_tokens is None:
+        return None
+    low, n = spec.image_tokens_min, spec.n_image_tokens
+    if isinstance(image_tokens, bool) or not isinstance(image_tokens, numbers.Integral) or not low <= image_tokens < n:
+        raise UserError(f"image tokens must be a whole number from {low} to {n - 1} (an image is {n} tokens; "
+                        f"leave it unset for all of them), not {image_tokens!r}")
+    if not (spec.reducible if reducible is None else reducible):
+        raise UserError(f"{path}: this bundle predates token reduction (its vision graph always gives {n} tokens); "
+                        "re-export it with `llava-edge export` to use fewer image tokens")
+    return int(image_tokens)

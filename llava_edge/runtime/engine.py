@@ -96,7 +96,8 @@ class Engine:
 
     def _queue(self, messages, sampling, image_tokens, prefill_only) -> Generation:
         t_start = time.perf_counter()
-        image_tokens = image_tokens if image_tokens is not None else self.config.image_tokens
+        image_tokens = self.vision.check_image_tokens(image_tokens if image_tokens is not None
+                                                      else self.config.image_tokens)
         check_messages(messages)
         self.scheduler.reserve()
         try:
@@ -128,7 +129,7 @@ class Engine:
         if isinstance(source, EncodedImage):  # encoded by the caller, who reports its cost
             return source
         _, data, sha = self.vision.identify(source)
-        hit = self.vision.cached(sha) if image_tokens is None else None
+        hit = self.vision.cached(sha, image_tokens)
         if hit is not None:
             self.image_cache_hits += 1
             return hit

@@ -115,7 +115,11 @@ def validate_manifest(manifest, origin: str) -> dict:
     vision.text("precision")
     vision.integer("image_size", minimum=1)
     vision.integer("patch_size", minimum=1)
-    vision.integer("n_image_tokens", minimum=1)
+    n_tokens = vision.integer("n_image_tokens", minimum=1)
+    if vision.text("image_tokens_input", required=False) is not None:  # bundles from before token reduction lack it
+        low = vision.integer("image_tokens_min", minimum=1)
+        if low >= n_tokens:
+            vision.fail("vision.image_tokens_min", f"must be below n_image_tokens {n_tokens} (got {low})")
     vision.numbers("mean", 3)
     vision.numbers("std", 3, positive=True)
     vision.text("aspect", ASPECTS)
