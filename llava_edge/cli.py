@@ -11,6 +11,7 @@ import typer
 
 from .errors import UserError
 from .extras import require_heavy
+from .server.config import ServerConfig  # a dataclass, no heavy imports: `serve` reads its defaults from it
 
 # rich_markup_mode=None: typer 0.29's rich help panel prints every option's type, flags included (`--json <bool>`,
 # even `--help <bool>`), though a flag takes no value; its plain formatter leaves the type off flags.
@@ -289,12 +290,16 @@ def serve(
     device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
     kv_cache_dir: Optional[Path] = typer.Option(
         None, help="keep the KV of each image prompt here: a restarted server skips the prefill of images it saw"),
+    temperature: float = typer.Option(ServerConfig.temperature,
+                                      help="for requests that send none (0: greedy, the answers `chat` gives)"),
+    top_p: float = typer.Option(ServerConfig.top_p, help="for requests that send none (with temperature > 0)"),
+    seed: Optional[int] = typer.Option(ServerConfig.seed, help="for requests that send none (with temperature > 0)"),
+    quiet: bool = typer.Option(not ServerConfig.request_log, "--quiet", help="no line per request on stderr"),
 ):
     """OpenAI- and Ollama-compatible HTTP server (chat with images, several requests at once)."""
     from .chat import context_length, demo_note
     from .runtime.bundle import DEMO_BUNDLE, open_bundle
     from .runtime.engine import EngineConfig
-    from .server.config import ServerConfig
     from .server.serve import serve as run_server
 
     _check_threads(threads)
@@ -305,7 +310,8 @@ def serve(
                                  kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
     server_config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key,
                                  media_dir=str(media_dir) if media_dir else None,
-                                 allow_remote_images=allow_remote_images, max_images=max_images)
+                                 allow_remote_images=allow_remote_images, max_images=max_images,
+                                 temperature=temperature, top_p=top_p, seed=seed, request_log=not quiet)
     demo_note(manifest)
     run_server(bundle, engine_config, server_config)
 

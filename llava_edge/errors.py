@@ -11,3 +11,11 @@ class ImageError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be found, recognised or loaded."""
+
+
+class ContextOverflow(UserError):
+    """A prompt longer than the context: `n_positions` (images included) against `n_ctx` positions."""
+
+    def __init__(self, message: str, n_positions: int, n_ctx: int):
+        super().__init__(message)
+        self.n_positions, self.n_ctx = n_positions, n_ctx

@@ -26,7 +26,7 @@ import llama_cpp
 import numpy as np
 
 from ..conversation import IMAGE_TOKEN_INDEX, render_messages, stop_strings, tokenize_prompt
-from ..errors import UserError
+from ..errors import ContextOverflow, UserError
 from .answer import Timings
 from .bundle import DEMO_BUNDLE, Bundle, open_bundle
 from .decoder import Decoder
@@ -124,9 +124,9 @@ class Engine:
         keys, images = self._prompt(messages, timings)
         timings.n_prompt_tokens = len(keys)
         if len(keys) >= self.n_ctx_seq:
-            raise UserError(f"the prompt is {len(keys)} positions (each image takes {self.n_image_tokens}); "
-                            f"the context holds {self.n_ctx_seq}: shorten the conversation (/reset in the chat) or "
-                            "use a larger --n-ctx")
+            raise ContextOverflow(f"the prompt is {len(keys)} positions (each image takes {self.n_image_tokens}); "
+                                  f"the context holds {self.n_ctx_seq}: shorten the conversation (/reset in the chat) "
+                                  "or use a larger --n-ctx", len(keys), self.n_ctx_seq)
         gen = Generation(self, keys, images, sampling, self.stops + list(sampling.stop), timings, t_start)
         with self._lock:
             free = sum(s.gen is None for s in self.slots)

@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator
 import anyio
 from starlette.responses import StreamingResponse
 
-from ..errors import UserError
+from ..errors import ContextOverflow, UserError
 from ..runtime.engine import EngineBusy
 from ..runtime.generation import Message
 from ..runtime.sampling import SamplingConfig
 from .errors import ApiError
 
 _END = object()
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code for a prompt longer than the context
 
 
 class Running:
@@ -95,6 +96,8 @@ async def start(engine, messages: list[Message], sampling: SamplingConfig, activ
     except EngineBusy:
         raise ApiError(503, "the server is busy: every slot is taken and the queue is full; retry later",
                        code="server_busy", headers={"Retry-After": "1"}) from None
+    except ContextOverflow as e:
+        raise ApiError(400, str(e), param="messages", code=CONTEXT_LENGTH_EXCEEDED) from None
     except UserError as e:
         raise ApiError(400, str(e)) from None
     return Running(gen, active)
