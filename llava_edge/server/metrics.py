@@ -45,6 +45,8 @@ class Metrics:
                                      "cannot call tools)", registry=self.registry)
         self.truncated_messages = Counter("llava_edge_truncated_messages", "oldest messages dropped so that an "
                                           "Ollama /api/chat conversation fits the context", registry=self.registry)
+        self.prompts_cut = Counter("llava_edge_prompts_cut", "Ollama /api/chat prompts whose last message was cut at "
+                                   "its start to fit the context", registry=self.registry)
         self.registry.register(EngineCollector(engine))
 
     def count_request(self, path: str, status: int) -> None:

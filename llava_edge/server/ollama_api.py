@@ -116,8 +116,9 @@ async def answer(request: Request, req: BaseRequest, messages: list[Message], wr
     model = tagged(state.cfg.model_name)
     sampling = sampling_of(state.cfg, req.options)
     if truncate:
-        running, n_dropped = await start_fitting(state.engine, messages, sampling, state.active)
-        record.truncated(n_dropped)
+        fitted = await start_fitting(state.engine, messages, sampling, state.active)
+        record.truncated(fitted.n_dropped, fitted.cut_from)
+        running = fitted.running
     else:
         running = await generation.start(state.engine, messages, sampling, state.active)
     if not req.stream:

@@ -1,11 +1,16 @@
 """One line per request on stderr, as llama.cpp's server and Ollama print them:
 
-    llava-edge serve: 2026-05-01 12:00:00 127.0.0.1 POST /v1/chat/completions 200 1.52s prompt=118 cached=33 generated=1
-    llava-edge serve: 2026-05-01 12:00:02 127.0.0.1 POST /api/chat 200 0.91s prompt=281 cached=250 generated=3 truncated=2 tools_ignored=36
-    llava-edge serve: 2026-05-01 12:00:03 127.0.0.1 POST /v1/chat/completions 400 0.04s error="the prompt is 600 positions ..."
+    llava-edge serve: 2026-05-01 12:00:00 127.0.0.1 POST /v1/chat/completions 200 1.52s prompt=118 cached=33
+        generated=1 tools_ignored=36 attached_files_dropped=1
+    llava-edge serve: 2026-05-01 12:00:02 127.0.0.1 POST /api/chat 200 0.91s prompt=384 cached=0 generated=9
+        prompt_cut=771
+    llava-edge serve: 2026-05-01 12:00:03 127.0.0.1 POST /v1/chat/completions 400 0.04s error="the prompt is ..."
+
+(each on one line).
 
 Token counts come once an answer ran; the notes say what the server did to the request on its own (Open WebUI's
-file listings dropped, tools ignored, oldest messages dropped to fit); `error` is the message the client got.
+file listings dropped, tools ignored, oldest messages dropped to fit, and the positions of a prompt whose last
+message had to be cut); `error` is the message the client got.
 """
 
 from __future__ import annotations
@@ -45,8 +50,11 @@ class RequestRecord:
     def tools_ignored(self, n: int) -> None:
         self._note("tools_ignored", n, self.metrics.tools_ignored)
 
-    def truncated(self, n: int) -> None:
-        self._note("truncated", n, self.metrics.truncated_messages)
+    def truncated(self, n_dropped: int, cut_from: int) -> None:
+        self._note("truncated", n_dropped, self.metrics.truncated_messages)
+        if cut_from:
+            self.notes["prompt_cut"] = cut_from
+            self.metrics.prompts_cut.inc()
 
     def _note(self, key: str, n: int, counter) -> None:
         if n > 0:
