@@ -308,6 +308,11 @@ def serve(
     device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
     kv_cache_dir: Optional[Path] = typer.Option(
         None, help="keep the KV of each image prompt here: a restarted server skips the prefill of images it saw"),
+    temperature: float = typer.Option(default(ServerConfig, "temperature"),
+                                      help="for requests that send none (0: greedy, the answers `chat` gives)"),
+    top_p: float = typer.Option(default(ServerConfig, "top_p"), help="for requests that send none (with temperature > 0)"),
+    seed: Optional[int] = typer.Option(default(ServerConfig, "seed"), help="for requests that send none (with temperature > 0)"),
+    quiet: bool = typer.Option(not default(ServerConfig, "request_log"), "--quiet", help="no line per request on stderr"),
 ):
     """OpenAI- and Ollama-compatible HTTP server (chat with images, several requests at once)."""
     from .chat import check_image_tokens, context_length, demo_note
@@ -323,7 +328,8 @@ def serve(
                                  kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None, image_tokens=image_tokens)
     server_config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key,
                                  media_dir=str(media_dir) if media_dir else None,
-                                 allow_remote_images=allow_remote_images, max_images=max_images)
+                                 allow_remote_images=allow_remote_images, max_images=max_images,
+                                 temperature=temperature, top_p=top_p, seed=seed, request_log=not quiet)
     demo_note(manifest)
     run_server(bundle, engine_config, server_config)
 

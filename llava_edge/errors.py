@@ -9,13 +9,13 @@ class ImageError(UserError):
     """An image that cannot be read or is not supported."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint that cannot be found, recognised or loaded."""
+
+
 class ContextOverflow(UserError):
-    """A prompt longer than the context: n_positions of it, n_ctx room."""
+    """A prompt longer than the context: `n_positions` (images included) against `n_ctx` positions."""
 
     def __init__(self, message: str, n_positions: int, n_ctx: int):
         super().__init__(message)
         self.n_positions, self.n_ctx = n_positions, n_ctx
-
-
-class CheckpointError(UserError):
-    """A checkpoint that cannot be found, recognised or loaded."""

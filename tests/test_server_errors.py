@@ -29,11 +29,8 @@ def media(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def server(media):
-    s = ServerProcess("--api-key", KEY, "--media-dir", str(media / "media"), "--max-images", "2")
-    yield s
-    assert s.stop() == 0, s.stderr()
+def SERVE_ARGS(request) -> tuple[str, ...]:
+    return ("--api-key", KEY, "--media-dir", str(request.getfixturevalue("media") / "media"), "--max-images", "2")
 
 
 def user(*parts) -> dict:

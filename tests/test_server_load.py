@@ -19,11 +19,7 @@ LONG = {"messages": [{"role": "user", "content": [image_part(EXAMPLES / "green_t
         "temperature": 0, "max_tokens": 3500, "ignore_eos": True, "stream": True}
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = ServerProcess("--parallel", "1", "--queue", "1", "--n-ctx", "4096")
-    yield s
-    assert s.stop() == 0, s.stderr()
+SERVE_ARGS = ("--parallel", "1", "--queue", "1", "--n-ctx", "4096")
 
 
 def stats(server) -> dict:

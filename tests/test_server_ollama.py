@@ -6,26 +6,21 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import ollama
 import pytest
 
-from server_process import EXAMPLES, SUFFIX, ServerProcess, chat_cli_answer
+from server_process import EXAMPLES, SUFFIX, chat_cli_answer
 
 IMAGE = EXAMPLES / "red_triangle_yellow_square_yellow_triangle.png"
 QUESTION = "What shape is the red object?" + SUFFIX
 GREEDY = {"temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = ServerProcess("--parallel", "2")
-    yield s
-    assert s.stop() == 0, s.stderr()
+SERVE_ARGS = ("--parallel", "2")
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return ollama.Client(host=server.url, timeout=120)
+def client(ollama_client):
+    return ollama_client
 
 
 @pytest.fixture(scope="module")

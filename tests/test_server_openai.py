@@ -6,26 +6,21 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import openai
 import pytest
 
 from llava_edge.runtime.bundle import DEMO_BUNDLE
-from server_process import EXAMPLES, SUFFIX, ServerProcess, chat_cli_answer, image_part
+from server_process import EXAMPLES, SUFFIX, chat_cli_answer, image_part
 
 TRIANGLE = EXAMPLES / "green_triangle.png"
 COLOR_Q = "What color is the triangle?" + SUFFIX
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = ServerProcess("--parallel", "4")
-    yield s
-    assert s.stop() == 0, s.stderr()
+SERVE_ARGS = ("--parallel", "4")
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(openai_client):
+    return openai_client
 
 
 def ask(client, parts: list[dict], **kw):

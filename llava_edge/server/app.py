@@ -18,11 +18,13 @@ from . import ollama_api, openai_api
 from .config import ServerConfig
 from .errors import ApiError, error_response
 from .metrics import Metrics
+from .request_log import MAX_ERROR_BODY, SCOPE_KEY, RequestRecord, error_message
 
 
 class Gate:
     """ASGI middleware in front of every route: counts requests by endpoint and status, refuses a missing or
-    wrong API key (401; /health is open) and bodies over the limit (413) before a handler reads them."""
+    wrong API key (401; /health is open) and bodies over the limit (413) before a handler reads them, and
+    writes the request's log line once its response has ended."""
 
     def __init__(self, app, cfg: ServerConfig, metrics: Metrics):
         self.app, self.cfg, self.metrics = app, cfg, metrics
@@ -30,21 +32,34 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, status = scope["path"], [500]
+        client = scope.get("client")
+        record = RequestRecord(scope["method"], scope["path"], client[0] if client else "-", self.metrics)
+        scope[SCOPE_KEY] = record
+        error_body = bytearray()
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                record.status = message["status"]
+            elif message["type"] == "http.response.body" and record.status >= 400:
+                if len(error_body) <= MAX_ERROR_BODY:
+                    error_body.extend(message.get("body", b""))
             await send(message)
 
         try:
             refusal = self.refusal(scope)
             if refusal is not None:
-                await error_response(path, refusal)(scope, receive, send_counted)
+                await error_response(scope["path"], refusal)(scope, receive, send_counted)
             else:
                 await self.app(scope, self.limited(receive), send_counted)
+        except Exception as e:  # answered 500 by the app's outermost handler
+            record.error = f"internal error ({type(e).__name__})"
+            raise
         finally:
-            self.metrics.count_request(path, status[0])
+            self.metrics.count_request(scope["path"], record.status)
+            if error_body and record.error is None:
+                record.error = error_message(bytes(error_body))
+            if self.cfg.request_log:
+                record.write()
 
     def refusal(self, scope) -> ApiError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import anyio
 from starlette.responses import StreamingResponse
 
-from ..errors import UserError
+from ..errors import ContextOverflow, UserError
 from ..runtime.engine import EngineBusy
 from ..runtime.generation import Message
 from ..runtime.sampling import SamplingConfig
@@ -88,16 +88,29 @@ class Running:
         return self.gen.answer
 
 
-async def start(engine, messages: list[Message], sampling: SamplingConfig, active: set) -> Running:
-    """Render, encode the images and queue the request (in a worker thread: image encodes take a while)."""
+async def queue(engine, messages: list[Message], sampling: SamplingConfig):
+    """Render, encode the images and queue the request (in a worker thread: image encodes take a while).
+    A prompt longer than the context raises ContextOverflow (the caller decides: refuse or truncate)."""
     try:
-        gen = await anyio.to_thread.run_sync(engine.generate, messages, sampling)
+        return await anyio.to_thread.run_sync(engine.generate, messages, sampling)
     except EngineBusy:
         raise ApiError(503, "the server is busy: every slot is taken and the queue is full; retry later",
                        code="server_busy", headers={"Retry-After": "1"}) from None
+    except ContextOverflow:
+        raise
     except UserError as e:
         raise ApiError(400, str(e)) from None
-    return Running(gen, active)
+
+
+def overflow_error(e: ContextOverflow) -> ApiError:
+    return ApiError(400, str(e), param="messages", code="context_length_exceeded")  # OpenAI's code
+
+
+async def start(engine, messages: list[Message], sampling: SamplingConfig, active: set) -> Running:
+    try:
+        return Running(await queue(engine, messages, sampling), active)
+    except ContextOverflow as e:
+        raise overflow_error(e) from None
 
 
 class StreamedAnswer(StreamingResponse):

@@ -38,6 +38,15 @@ class Metrics:
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32), registry=self.registry)
         self.decode = Histogram("llava_edge_decode_tokens_per_second", "decode rate of one answer",
                                 buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320, 640), registry=self.registry)
+        self.attached_files_dropped = Counter(
+            "llava_edge_attached_files_dropped", "entries of Open WebUI's <attached_files> listing taken out of "
+            "the prompt (the message's own images)", registry=self.registry)
+        self.tools_ignored = Counter("llava_edge_tools_ignored", "tools sent with requests and ignored (the model "
+                                     "cannot call tools)", registry=self.registry)
+        self.truncated_messages = Counter("llava_edge_truncated_messages", "oldest messages dropped so that an "
+                                          "Ollama /api/chat conversation fits the context", registry=self.registry)
+        self.prompts_cut = Counter("llava_edge_prompts_cut", "Ollama /api/chat prompts whose last message was cut at "
+                                   "its start to fit the context", registry=self.registry)
         self.registry.register(EngineCollector(engine))
 
     def count_request(self, path: str, status: int) -> None:

@@ -13,14 +13,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import __version__
 from ..runtime.generation import Message
 from . import generation
+from .attached_files import strip_listing
 from .errors import ApiError
 from .media import decode_base64
 from .parsing import parse_body, sampling_config
+from .request_log import record_of
+from .truncation import start_fitting
 
 router = APIRouter()
 
 ROLES = ("system", "user", "assistant")
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.8, 0.9  # Ollama's defaults; send temperature 0 for greedy
 UNLIMITED = 1 << 20  # num_predict -1 / -2: until EOS or the context is full
 
 
@@ -50,6 +52,8 @@ class BaseRequest(BaseModel):
 
 class ChatRequest(BaseRequest):
     messages: list[OllamaMessage] = []
+    tools: list[dict] | None = None  # accepted and ignored: the model cannot call tools (docs/server-clients.md)
+    truncate: bool = True  # Ollama's: drop the oldest messages when the conversation exceeds the context
 
 
 class GenerateRequest(BaseRequest):
@@ -89,11 +93,10 @@ def images_of(encoded: list[str] | None, where: str, cfg, count: list[int]) -> l
     return out
 
 
-def sampling_of(options: Options | None):
+def sampling_of(cfg, options: Options | None):
     o = options or Options()
     n = o.num_predict if o.num_predict is not None and o.num_predict > 0 else UNLIMITED
-    return sampling_config(n, DEFAULT_TEMPERATURE if o.temperature is None else o.temperature,
-                           DEFAULT_TOP_P if o.top_p is None else o.top_p, o.seed, o.stop)
+    return sampling_config(cfg, n, o.temperature, o.top_p, o.seed, o.stop)
 
 
 def final_stats(answer, t_start: float) -> dict:
@@ -105,14 +108,22 @@ def final_stats(answer, t_start: float) -> dict:
             "eval_count": t.n_generated, "eval_duration": eval_ns}
 
 
-async def answer(request: Request, req: BaseRequest, messages: list[Message], wrap, t_start: float):
-    """Run one request; `wrap(text)` is the API's own text field ({"message": ...} or {"response": ...})."""
-    state = request.app.state
+async def answer(request: Request, req: BaseRequest, messages: list[Message], wrap, t_start: float,
+                 truncate: bool = False):
+    """Run one request; `wrap(text)` is the API's own text field ({"message": ...} or {"response": ...});
+    with `truncate` the oldest messages are dropped until the conversation fits the context."""
+    state, record = request.app.state, record_of(request)
     model = tagged(state.cfg.model_name)
-    running = await generation.start(state.engine, messages, sampling_of(req.options), state.active)
+    sampling = sampling_of(state.cfg, req.options)
+    if truncate:
+        fitted = await start_fitting(state.engine, messages, sampling, state.active)
+        record.truncated(fitted.n_dropped, fitted.cut_from)
+        running = fitted.running
+    else:
+        running = await generation.start(state.engine, messages, sampling, state.active)
     if not req.stream:
         await running.text(request.receive)
-        state.metrics.count_answer(running.answer.timings)
+        record.answered(running.answer.timings)
         return {"model": model, "created_at": now(), **wrap(running.answer.text), **final_stats(running.answer, t_start)}
 
     async def lines():
@@ -120,9 +131,10 @@ async def answer(request: Request, req: BaseRequest, messages: list[Message], wr
             async for piece in running.pieces():
                 yield json.dumps({"model": model, "created_at": now(), **wrap(piece), "done": False}) + "\n"
         except Exception as e:  # noqa: BLE001 - after the 200 went out: Ollama sends {"error"} as a line
-            yield json.dumps({"error": e.message if isinstance(e, ApiError) else f"internal error ({type(e).__name__})"}) + "\n"
+            record.error = e.message if isinstance(e, ApiError) else f"internal error ({type(e).__name__})"
+            yield json.dumps({"error": record.error}) + "\n"
             return
-        state.metrics.count_answer(running.answer.timings)
+        record.answered(running.answer.timings)
         yield json.dumps({"model": model, "created_at": now(), **wrap(""), **final_stats(running.answer, t_start)}) + "\n"
 
     return generation.StreamedAnswer(lines(), running, "application/x-ndjson")
@@ -146,14 +158,19 @@ async def chat(request: Request):
 
     if not req.messages:
         return loaded(tagged(request.app.state.cfg.model_name), wrap, req)
+    record = record_of(request)
+    record.tools_ignored(len(req.tools or []))
     messages, count = [], [0]
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
             raise ApiError(400, f"messages[{i}].role: unsupported role {m.role!r} (system, user, assistant)")
         if m.images and m.role != "user":
             raise ApiError(400, f"messages[{i}]: images go in user messages only")
-        messages.append(Message(m.role, m.content, images_of(m.images, f"messages[{i}]", request.app.state.cfg, count)))
-    return await answer(request, req, messages, wrap, t_start)
+        images = images_of(m.images, f"messages[{i}]", request.app.state.cfg, count)
+        stripped = strip_listing(m.content, len(images))  # Open WebUI's listing of these images, if it leads
+        record.attached_files_dropped(stripped.n_dropped)
+        messages.append(Message(m.role, stripped.text, images))
+    return await answer(request, req, messages, wrap, t_start, truncate=req.truncate)
 
 
 @router.post("/api/generate")

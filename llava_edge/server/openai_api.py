@@ -13,13 +13,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..runtime.generation import Message
 from . import generation
 from .errors import ApiError, error_body
+from .attached_files import strip_listing
 from .media import load_image_url
 from .parsing import parse_body, sampling_config
+from .request_log import record_of
 
 router = APIRouter()
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's documented default; send 0 for greedy (= `llava-edge chat --prompt`)
 DEFAULT_MAX_TOKENS = 1 << 20  # no limit of our own: the answer stops at EOS or when the context is full
 
 
@@ -60,6 +61,8 @@ class ChatRequest(BaseModel):
     n: int | None = Field(None, ge=1)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # vLLM's and llama.cpp's extension: answers of exactly max_tokens (benchmarks)
+    tools: list[dict] | None = None  # accepted and ignored: the model cannot call tools (docs/server-clients.md)
+    tool_choice: str | dict | None = None
 
 
 def bans_eos_only(logit_bias: dict[str, float] | None, eos_id: int) -> bool:
@@ -70,6 +73,13 @@ def bans_eos_only(logit_bias: dict[str, float] | None, eos_id: int) -> bool:
         raise ApiError(400, f"logit_bias: only banning the end-of-sequence token ({{\"{eos_id}\": -100}}) is supported",
                        param="logit_bias", code="unsupported_logit_bias")
     return True
+
+
+def check_tool_choice(req: ChatRequest) -> None:
+    """A request that demands a tool call cannot be served by a model that makes none; "auto" and "none" can."""
+    if req.tool_choice not in (None, "auto", "none"):
+        raise ApiError(400, "tool_choice: this model cannot call tools (send \"auto\", \"none\" or no tool_choice)",
+                       param="tool_choice", code="unsupported_tool_choice")
 
 
 async def engine_messages(req: ChatRequest, request: Request) -> list[Message]:
@@ -97,9 +107,27 @@ async def engine_messages(req: ChatRequest, request: Request) -> list[Message]:
             else:
                 raise ApiError(400, f"{where}: unsupported content part type {part.type!r} (text, image_url)",
                                param=where, code="invalid_content")
-        text = m.content if isinstance(m.content, str) else "\n".join(texts)
+        if isinstance(m.content, str):
+            text = m.content
+        else:
+            text = "\n".join(without_listings(texts, len(images), record_of(request)))
         messages.append(Message(role, text, images))
     return messages
+
+
+def without_listings(texts: list[str], n_images: int, record) -> list[str]:
+    """The text parts, a part that is only Open WebUI's listing of this message's images left out (one that
+    also lists other files keeps those entries)."""
+    kept = []
+    for text in texts:
+        stripped = strip_listing(text, n_images)
+        if stripped.n_dropped and not stripped.rest:
+            record.attached_files_dropped(stripped.n_dropped)
+            text = stripped.listing
+            if not text:
+                continue
+        kept.append(text)
+    return kept
 
 
 # Each answer also carries its engine timings (ttft_ms, prefill_ms, vision_ms, decode_tokens_per_s, ...) as
@@ -117,27 +145,28 @@ async def chat_completions(request: Request):
     req = await parse_body(request, ChatRequest)
     if (req.n or 1) != 1:
         raise ApiError(400, "n must be 1: one answer per request", param="n", code="unsupported_n")
-    state = request.app.state
+    check_tool_choice(req)
+    state, record = request.app.state, record_of(request)
+    record.tools_ignored(len(req.tools or []))
     ignore_eos = req.ignore_eos or bans_eos_only(req.logit_bias, state.engine.bundle.eos_id)
-    sampling = sampling_config(req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
-                               DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-                               1.0 if req.top_p is None else req.top_p, req.seed, req.stop, ignore_eos)
+    sampling = sampling_config(state.cfg, req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
+                               req.temperature, req.top_p, req.seed, req.stop, ignore_eos)
     running = await generation.start(state.engine, await engine_messages(req, request), sampling, state.active)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.cfg.model_name
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = sse_events(running, state.metrics, rid, created, model, include_usage)
+        events = sse_events(running, record, rid, created, model, include_usage)
         return generation.StreamedAnswer(events, running, "text/event-stream")
     text = await running.text(request.receive)
     answer = running.answer
-    state.metrics.count_answer(answer.timings)
+    record.answered(answer.timings)
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text or text},
                          "logprobs": None, "finish_reason": generation.finish_reason(answer)}],
             "usage": usage(answer.timings), "timings": asdict(answer.timings)}
 
 
-async def sse_events(running, metrics, rid: str, created: int, model: str, include_usage: bool):
+async def sse_events(running, record, rid: str, created: int, model: str, include_usage: bool):
     def event(choices: list, **extra) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
         if include_usage:
@@ -154,11 +183,12 @@ async def sse_events(running, metrics, rid: str, created: int, model: str, inclu
             yield event(delta({"content": piece}))
     except Exception as e:  # noqa: BLE001 - after the 200 went out, the error travels as an event, as OpenAI's
         err = e if isinstance(e, ApiError) else ApiError(500, f"internal error ({type(e).__name__})")
+        record.error = err.message
         yield f"data: {json.dumps(error_body('/v1/chat/completions', err))}\n\n"
         yield "data: [DONE]\n\n"
         return
     answer = running.answer
-    metrics.count_answer(answer.timings)
+    record.answered(answer.timings)
     yield event(delta({}, generation.finish_reason(answer)), timings=asdict(answer.timings))
     if include_usage:
         yield event([], usage=usage(answer.timings))

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
 from ..runtime.sampling import SamplingConfig
+from .config import ServerConfig
 from .errors import ApiError
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -32,11 +33,13 @@ async def parse_body(request: Request, model: type[Model]) -> Model:
                        code="invalid_schema") from None
 
 
-def sampling_config(max_tokens: int, temperature: float, top_p: float, seed: int | None,
-                    stop: str | list[str] | None, ignore_eos: bool = False) -> SamplingConfig:
+def sampling_config(cfg: ServerConfig, max_tokens: int, temperature: float | None, top_p: float | None,
+                    seed: int | None, stop: str | list[str] | None, ignore_eos: bool = False) -> SamplingConfig:
+    """A request's sampling; what it does not name is the served model's default (`serve --temperature`, ...)."""
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     try:
-        return SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        return SamplingConfig(max_tokens=max_tokens, temperature=cfg.temperature if temperature is None else temperature,
+                              top_p=cfg.top_p if top_p is None else top_p, seed=cfg.seed if seed is None else seed,
                               stop=tuple(s for s in stops if s), ignore_eos=ignore_eos)
     except UserError as e:
         raise ApiError(400, str(e)) from None

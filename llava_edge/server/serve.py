@@ -52,6 +52,7 @@ def serve(bundle_dir: str | os.PathLike | None, engine_cfg: EngineConfig, cfg: S
     try:
         engine.start()
         app = create_app(engine, cfg)
+        # uvicorn's own access log stays off: the Gate writes the one line per request (request_log.py)
         config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=cfg.shutdown_grace_s + 2, lifespan="on")
         server = _Server(config, app, cfg)
