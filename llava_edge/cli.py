@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from .errors import UserError
-from .extras import require_heavy
+from .extras import require_extra, require_heavy
 
 # rich_markup_mode=None: typer 0.29's rich help panel prints every option's type, flags included (`--json <bool>`,
 # even `--help <bool>`), though a flag takes no value; its plain formatter leaves the type off flags.
@@ -138,6 +138,10 @@ def caption(
     device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
     vision_batch: Optional[int] = typer.Option(None, help="images per vision run (default 8; 1 for int8 graphs, "
                                                           "whose batch mates would change an image's embeddings)"),
+    ray: Optional[str] = typer.Option(None, help="caption on a Ray cluster: local (start one here), auto, HOST:PORT "
+                                                 "or ray://HOST:PORT; the paths must be readable on every node"),
+    workers: Optional[int] = typer.Option(None, help="with --ray: engines (Ray actors), each --threads cores "
+                                                     "(default: one per node, the cores it can have)"),
 ):
     """Caption (or ask one question about) every image of a folder: a JSONL line per image, resumable."""
     from .caption.pipeline import CaptionConfig, format_summary, run_caption
@@ -145,8 +149,17 @@ def caption(
     from .runtime.bundle import DEMO_BUNDLE, open_bundle
 
     _check_threads(threads)
-    summary = run_caption(CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel,
-                                        max_tokens, temperature, seed, recursive, threads, device, vision_batch))
+    if workers is not None and ray is None:
+        raise UserError("--workers needs --ray (a local run has one engine; --parallel sets its sequences)")
+    cfg = CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel, max_tokens,
+                        temperature, seed, recursive, threads, device, vision_batch)
+    if ray is not None:
+        require_extra("caption --ray", "ray")
+        from .caption.ray_run import RayConfig, run_caption_ray
+
+        summary = run_caption_ray(cfg, RayConfig(ray, workers))
+    else:
+        summary = run_caption(cfg)
     print(format_summary(summary, out), file=sys.stderr)
     demo_note(open_bundle(bundle or DEMO_BUNDLE, verify=False))
     if summary.interrupted or summary.failed:
