@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from .errors import UserError
-from .extras import require_heavy
+from .extras import require_extra, require_heavy
+from .caption.config import VISION_BATCH, CaptionConfig
 from .runtime.bundle import MAX_DEFAULT_N_CTX
 from .runtime.engine_config import EngineConfig
 from .runtime.sampling import SamplingConfig
@@ -141,26 +142,44 @@ def chat(
 def caption(
     inputs: list[str] = typer.Argument(..., help="image files, folders and glob patterns"),
     out: Path = typer.Option(..., help="JSONL file: one line per image; a rerun with the same file skips what is done"),
-    prompt: str = typer.Option("Describe the image.", help="what to ask about every image"),
+    prompt: str = typer.Option(default(CaptionConfig, "prompt"), help="what to ask about every image"),
     bundle: Optional[Path] = typer.Option(None, help="edge bundle dir (default: the demo bundle in the package)"),
-    parallel: int = typer.Option(4, help="answers decoded at once (sequences in the one llama.cpp context)"),
-    max_tokens: int = typer.Option(256, help="most tokens per answer"),
-    temperature: float = typer.Option(0.0, help="0 = greedy: each answer equals `chat --prompt`'s"),
-    seed: Optional[int] = typer.Option(None, help="sampling seed (with temperature > 0)"),
-    recursive: bool = typer.Option(False, help="also the images in subfolders of the folders given"),
+    parallel: int = typer.Option(default(CaptionConfig, "parallel"),
+                                 help="answers decoded at once (sequences in the one llama.cpp context)"),
+    max_tokens: int = typer.Option(default(CaptionConfig, "max_tokens"), help="most tokens per answer"),
+    temperature: float = typer.Option(default(CaptionConfig, "temperature"),
+                                      help="0 = greedy: each answer equals `chat --prompt`'s"),
+    seed: Optional[int] = typer.Option(default(CaptionConfig, "seed"), help="sampling seed (with temperature > 0)"),
+    recursive: bool = typer.Option(default(CaptionConfig, "recursive"),
+                                   help="also the images in subfolders of the folders given"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
-    device: str = typer.Option("auto", help="vision on auto|cpu|cuda|tensorrt"),
-    vision_batch: Optional[int] = typer.Option(None, help="images per vision run (default 8; 1 for int8 graphs, "
-                                                          "whose batch mates would change an image's embeddings)"),
+    device: str = typer.Option(default(CaptionConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
+    vision_batch: Optional[int] = typer.Option(None, help=f"images per vision run (default {VISION_BATCH}; 1 for int8 "
+                                                          "graphs, whose batch mates would change an image's embeddings)"),
+    image_tokens: Optional[int] = typer.Option(default(CaptionConfig, "image_tokens"), help=IMAGE_TOKENS_HELP),
+    ray: Optional[str] = typer.Option(None, help="caption on a Ray cluster: local (start one here), auto, HOST:PORT "
+                                                 "or ray://HOST:PORT; the paths must be readable on every node"),
+    workers: Optional[int] = typer.Option(None, help="with --ray: engines (Ray actors), each --threads cores "
+                                                     "(default: one per node, the cores it can have)"),
 ):
     """Caption (or ask one question about) every image of a folder: a JSONL line per image, resumable."""
-    from .caption.pipeline import CaptionConfig, format_summary, run_caption
-    from .chat import demo_note
+    from .caption.pipeline import format_summary, run_caption
+    from .chat import check_image_tokens, demo_note
     from .runtime.bundle import DEMO_BUNDLE, open_bundle
 
     _check_threads(threads)
-    summary = run_caption(CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel,
-                                        max_tokens, temperature, seed, recursive, threads, device, vision_batch))
+    if workers is not None and ray is None:
+        raise UserError("--workers needs --ray (a local run has one engine; --parallel sets its sequences)")
+    check_image_tokens(open_bundle(bundle or DEMO_BUNDLE, verify=False), image_tokens)
+    cfg = CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel, max_tokens,
+                        temperature, seed, recursive, threads, device, vision_batch, image_tokens)
+    if ray is not None:
+        require_extra("caption --ray", "ray")
+        from .caption.ray_run import RayConfig, run_caption_ray
+
+        summary = run_caption_ray(cfg, RayConfig(ray, workers))
+    else:
+        summary = run_caption(cfg)
     print(format_summary(summary, out), file=sys.stderr)
     demo_note(open_bundle(bundle or DEMO_BUNDLE, verify=False))
     if summary.interrupted or summary.failed:

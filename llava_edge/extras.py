@@ -16,6 +16,7 @@ EXTRA_MODULES = {
     "export": ("safetensors", "sentencepiece", "onnx", "onnxscript", "gguf"),
     "train": ("safetensors", "sentencepiece"),
     "bench": ("safetensors", "sentencepiece", "onnx", "onnxscript", "gguf", "matplotlib"),
+    "ray": ("ray",),  # caption --ray; no torch
 }
 TORCH_CPU = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
 
@@ -44,3 +45,11 @@ def require_heavy(command: str, extras: tuple[str, ...]) -> None:
         advice = f"install PyTorch first (CPU build: {TORCH_CPU}), then {advice}"
     raise UserError(f"`llava-edge {command}` needs {', '.join(missing)}, not installed here (the runtime-only "
                     f"install has no torch): {advice} (from a clone: pip install '.[{spec}]')")
+
+
+def require_extra(command: str, extra: str) -> None:
+    """UserError (one line, exit 2) naming the extra to install when its modules are missing (no torch asked)."""
+    missing = missing_modules(EXTRA_MODULES[extra])
+    if missing:
+        raise UserError(f"`llava-edge {command}` needs {', '.join(missing)}, not installed here: "
+                        f"pip install 'llava-edge[{extra}]' (from a clone: pip install '.[{extra}]')")

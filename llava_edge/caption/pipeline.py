@@ -20,38 +20,11 @@ from ..runtime.bundle import DEMO_BUNDLE, default_n_ctx, open_bundle
 from ..runtime.engine import Engine, EngineConfig
 from ..runtime.generation import Generation, Message
 from ..runtime.sampling import SamplingConfig
+from .config import DEFAULT_PROMPT, VISION_BATCH, CaptionConfig  # noqa: F401  (callers import them from here)
 from .feeder import END, Feeder, Item
 from .inputs import find_images
 from .results import ResultFile, done_key
 
-DEFAULT_PROMPT = "Describe the image."
-VISION_BATCH = 8  # images per vision run where batching cannot change an image's embeddings
-
-
-@dataclass
-class CaptionConfig:
-    inputs: list[str]
-    out: str
-    prompt: str = DEFAULT_PROMPT
-    bundle: str | None = None
-    parallel: int = 4
-    max_tokens: int = 256
-    temperature: float = 0.0
-    seed: int | None = None
-    recursive: bool = False
-    threads: int | None = None
-    device: str = "auto"
-    vision_batch: int | None = None  # None: VISION_BATCH, or 1 for an int8 graph (see vision_batch_size)
-    progress: bool = True
-
-    def __post_init__(self):
-        self.prompt = self.prompt.strip()  # as `chat` asks it
-        if not self.prompt:
-            raise UserError("--prompt is empty")
-        for name in ("parallel", "threads", "vision_batch"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
 
 
 @dataclass
@@ -87,7 +60,9 @@ def context_per_sequence(bundle, prompt: str, max_tokens: int) -> int:
     return max(16, min(needed, default_n_ctx(bundle)))
 
 
-def run_caption(cfg: CaptionConfig) -> CaptionSummary:
+def run_caption(cfg: CaptionConfig, caption=None) -> CaptionSummary:
+    """The files not yet in --out, captioned by `caption` (default: one engine in this process; `--ray`
+    passes its own, called the same way)."""
     prompt = cfg.prompt
     sampling = SamplingConfig(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
     paths = find_images(cfg.inputs, cfg.recursive)
@@ -99,26 +74,31 @@ def run_caption(cfg: CaptionConfig) -> CaptionSummary:
         todo = [p for p in paths if done_key(p, prompt) not in done]
         summary = CaptionSummary(found=len(paths), already_done=len(paths) - len(todo))
         if todo:
-            _caption(cfg, prompt, sampling, todo, results, summary)
+            (caption or _caption)(cfg, prompt, sampling, todo, results, summary)
         return summary
     finally:
         results.close()
+
+
+def open_engine(cfg: CaptionConfig, queue: int) -> tuple[Engine, int]:
+    """The engine of a caption run (contexts sized for its prompt) and its vision batch size."""
+    bundle = open_bundle(cfg.bundle or DEMO_BUNDLE, verify=False)  # verified by Engine.open
+    engine = Engine.open(cfg.bundle, EngineConfig(
+        parallel=cfg.parallel, n_ctx=context_per_sequence(bundle, cfg.prompt, cfg.max_tokens), threads=cfg.threads,
+        queue=queue, device=cfg.device, image_tokens=cfg.image_tokens))
+    return engine, vision_batch_size(bundle.vision.precision, cfg.vision_batch)
 
 
 def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: list[str], results: ResultFile,
              summary: CaptionSummary) -> None:
     from tqdm import tqdm
 
-    bundle = open_bundle(cfg.bundle or DEMO_BUNDLE, verify=False)  # verified by Engine.open
-    batch = vision_batch_size(bundle.vision.precision, cfg.vision_batch)
-    engine = Engine.open(cfg.bundle, EngineConfig(
-        parallel=cfg.parallel, n_ctx=context_per_sequence(bundle, prompt, cfg.max_tokens), threads=cfg.threads,
-        queue=2 * cfg.parallel, device=cfg.device))
-    feeder = Feeder(engine.vision, todo, batch, depth=2 * cfg.parallel + batch)
+    engine, batch = open_engine(cfg, queue=2 * cfg.parallel)
+    feeder = Feeder(engine.vision, todo, batch, depth=2 * cfg.parallel + batch, image_tokens=cfg.image_tokens)
     bar = tqdm(total=summary.found, initial=summary.already_done, unit="img", desc="caption", file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1, disable=not cfg.progress)
     bar.set_postfix(errors=0)
-    stop = _StopOnSignal()
+    stop = StopOnSignal()
     t0 = time.perf_counter()
 
     def write(record: dict) -> None:
@@ -153,7 +133,7 @@ def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: li
                 inflight[0][1].wait(0.02)  # short: an image the feeder hands over meanwhile waits at most this
             for entry in [e for e in inflight if e[1].finished]:
                 inflight.remove(entry)
-                record = _record(prompt, *entry)
+                record = answer_record(prompt, *entry)
                 if record is None:  # not the image's fault: no line, so that a rerun tries it again
                     summary.failed += 1
                     bar.write(f"llava-edge: {entry[0].path}: {entry[1].error}; not written (a rerun tries again)",
@@ -175,7 +155,7 @@ def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: li
         feeder.join(5)
 
 
-def _record(prompt: str, item: Item, gen: Generation) -> dict | None:
+def answer_record(prompt: str, item: Item, gen: Generation) -> dict | None:
     """The line of a finished answer; None when the engine failed it (llama.cpp's decode returned an error)."""
     answer = gen.answer
     if gen.error is not None:
@@ -186,7 +166,7 @@ def _record(prompt: str, item: Item, gen: Generation) -> dict | None:
             "finish_reason": answer.finish_reason, "timings": asdict(timings)}
 
 
-class _StopOnSignal:
+class StopOnSignal:
     """Ctrl-C or SIGTERM asks the run to stop after the lines in hand; a second Ctrl-C stops at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
