@@ -53,9 +53,10 @@ class ServerProcess:
             return self.proc.wait()
 
 
-def chat_cli_answer(image: Path, prompt: str) -> str:
-    """The oracle: what `llava-edge chat IMAGE --prompt PROMPT` prints (greedy) on the demo bundle."""
-    done = subprocess.run([sys.executable, "-m", "llava_edge.cli", "chat", str(image), "--prompt", prompt, *THREADS],
+def chat_cli_answer(image: Path, prompt: str, *options: str) -> str:
+    """The oracle: what `llava-edge chat IMAGE --prompt PROMPT [options]` prints (greedy) on the demo bundle."""
+    done = subprocess.run([sys.executable, "-m", "llava_edge.cli", "chat", str(image), "--prompt", prompt, *THREADS,
+                           *options],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout.rstrip("\n")

@@ -88,11 +88,11 @@ class Running:
         return self.gen.answer
 
 
-async def queue(engine, messages: list[Message], sampling: SamplingConfig):
+async def queue(engine, messages: list[Message], sampling: SamplingConfig, image_tokens=None):
     """Render, encode the images and queue the request (in a worker thread: image encodes take a while).
     A prompt longer than the context raises ContextOverflow (the caller decides: refuse or truncate)."""
     try:
-        return await anyio.to_thread.run_sync(engine.generate, messages, sampling)
+        return await anyio.to_thread.run_sync(engine.generate, messages, sampling, image_tokens)
     except EngineBusy:
         raise ApiError(503, "the server is busy: every slot is taken and the queue is full; retry later",
                        code="server_busy", headers={"Retry-After": "1"}) from None
@@ -106,9 +106,11 @@ def overflow_error(e: ContextOverflow) -> ApiError:
     return ApiError(400, str(e), param="messages", code="context_length_exceeded")  # OpenAI's code
 
 
-async def start(engine, messages: list[Message], sampling: SamplingConfig, active: set) -> Running:
+async def start(engine, messages: list[Message], sampling: SamplingConfig, active: set,
+                image_tokens=None) -> Running:
+    """image_tokens: the request's own budget (None: the server's --image-tokens); checked by the engine (400)."""
     try:
-        return Running(await queue(engine, messages, sampling), active)
+        return Running(await queue(engine, messages, sampling, image_tokens), active)
     except ContextOverflow as e:
         raise overflow_error(e) from None
 

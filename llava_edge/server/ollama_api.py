@@ -3,6 +3,8 @@ GET /api/version, GET /api/ps, POST /api/show. Durations are in nanoseconds, as 
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import time
 from datetime import datetime, timezone
@@ -33,6 +35,7 @@ class Options(BaseModel):
     seed: int | None = None
     num_predict: int | None = None
     stop: str | list[str] | None = None
+    image_tokens: Any = None  # llava-edge's extension: tokens per image (checked by the engine: 400 when bad)
 
 
 class OllamaMessage(BaseModel):
@@ -116,11 +119,13 @@ async def answer(request: Request, req: BaseRequest, messages: list[Message], wr
     model = tagged(state.cfg.model_name)
     sampling = sampling_of(state.cfg, req.options)
     if truncate:
-        fitted = await start_fitting(state.engine, messages, sampling, state.active)
+        image_tokens = req.options.image_tokens if req.options else None
+        fitted = await start_fitting(state.engine, messages, sampling, state.active, image_tokens)
         record.truncated(fitted.n_dropped, fitted.cut_from)
         running = fitted.running
     else:
-        running = await generation.start(state.engine, messages, sampling, state.active)
+        image_tokens = req.options.image_tokens if req.options else None
+        running = await generation.start(state.engine, messages, sampling, state.active, image_tokens)
     if not req.stream:
         await running.text(request.receive)
         record.answered(running.answer.timings)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import time
 import uuid
@@ -63,6 +65,7 @@ class ChatRequest(BaseModel):
     ignore_eos: bool = False  # vLLM's and llama.cpp's extension: answers of exactly max_tokens (benchmarks)
     tools: list[dict] | None = None  # accepted and ignored: the model cannot call tools (docs/server-clients.md)
     tool_choice: str | dict | None = None
+    image_tokens: Any = None  # llava-edge's extension: tokens per image (checked by the engine: 400 when bad)
 
 
 def bans_eos_only(logit_bias: dict[str, float] | None, eos_id: int) -> bool:
@@ -151,7 +154,8 @@ async def chat_completions(request: Request):
     ignore_eos = req.ignore_eos or bans_eos_only(req.logit_bias, state.engine.bundle.eos_id)
     sampling = sampling_config(state.cfg, req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
                                req.temperature, req.top_p, req.seed, req.stop, ignore_eos)
-    running = await generation.start(state.engine, await engine_messages(req, request), sampling, state.active)
+    running = await generation.start(state.engine, await engine_messages(req, request), sampling, state.active,
+                                     req.image_tokens)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.cfg.model_name
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -36,24 +36,24 @@ def without_oldest(messages: list[Message], n: int) -> list[Message]:
     return [m for m in messages[:n] if m.role == "system"] + messages[n:]
 
 
-async def start_fitting(engine, messages: list[Message], sampling, active: set) -> Fitted:
+async def start_fitting(engine, messages: list[Message], sampling, active: set, image_tokens=None) -> Fitted:
     overflow = None
     for n in range(len(messages)):
         if n > 0 and messages[n - 1].role == "system":
             continue  # that message stays: the same prompt as the try before
         try:
-            gen = await generation.queue(engine, without_oldest(messages, n), sampling)
+            gen = await generation.queue(engine, without_oldest(messages, n), sampling, image_tokens)
         except ContextOverflow as e:
             overflow = e
             continue
         return Fitted(generation.Running(gen, active), sum(m.role != "system" for m in messages[:n]))
     kept = without_oldest(messages, len(messages) - 1)
-    gen = await cut_last_message(engine, kept, sampling, overflow)
+    gen = await cut_last_message(engine, kept, sampling, overflow, image_tokens)
     return Fitted(generation.Running(gen, active), sum(m.role != "system" for m in messages[:-1]),
                   overflow.n_positions)
 
 
-async def cut_last_message(engine, messages: list[Message], sampling, overflow: ContextOverflow):
+async def cut_last_message(engine, messages: list[Message], sampling, overflow: ContextOverflow, image_tokens=None):
     """Queue `messages` with the start of the last one's text cut until the prompt fits with room to answer."""
     last = messages[-1]
     budget = overflow.n_ctx - min(sampling.max_tokens, overflow.n_ctx // 4)
@@ -66,7 +66,7 @@ async def cut_last_message(engine, messages: list[Message], sampling, overflow: 
         if not text:
             break
         try:
-            return await generation.queue(engine, messages[:-1] + [replace(last, text=text)], sampling)
+            return await generation.queue(engine, messages[:-1] + [replace(last, text=text)], sampling, image_tokens)
         except ContextOverflow as e:
             overflow = e
         if before[1] > overflow.n_positions:
