@@ -142,3 +142,19 @@ def test_a_manifest_naming_an_input_the_graph_lacks_is_refused(tiny, tmp_path):
     (old / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="image_tokens_min"):
         open_bundle(old)
+
+
+def test_refresh_brings_an_old_bundle_up_to_date_and_leaves_the_decoder(tiny, tmp_path):
+    from llava_edge.export.vision_refresh import refresh_vision
+
+    _, bundle_dir, exported = tiny
+    old, _ = old_style_bundle(bundle_dir, tmp_path / "old")
+    decoder = old / exported["files"]["decoder"]["name"]
+    decoder_sha = sha256_of(decoder)
+    manifest = refresh_vision(old, threads=THREADS)
+    assert manifest["refresh"]["default_vs_old_graph"]["identical"]  # every token, as the old graph gave
+    assert sha256_of(decoder) == decoder_sha and manifest["files"]["decoder"] == exported["files"]["decoder"]
+    assert manifest["vision"] == exported["vision"]
+    assert manifest["parity"]["vision"]["image_tokens"]["8"]["patches_equal"] == 1.0
+    enc = VisionEncoder(open_bundle(old), threads=THREADS)  # checksums verify
+    assert enc.supports_reduction and enc.encode(IMAGE, 4).n_tokens == 4
