@@ -58,11 +58,14 @@ async def cut_last_message(engine, messages: list[Message], sampling, overflow: 
     last = messages[-1]
     budget = overflow.n_ctx - min(sampling.max_tokens, overflow.n_ctx // 4)
     text = last.text
-    # positions per character: first the whole prompt's, then measured between the last two tries (secant)
-    slope = overflow.n_positions / max(1, sum(len(m.text) for m in messages))
+    # positions per character of text: first the whole prompt's less its images', then measured between the
+    # last two tries (secant)
+    n_image_positions = engine.bundle.vision.n_image_tokens * sum(len(m.images) for m in messages)
+    slope = max(1, overflow.n_positions - n_image_positions) / max(1, sum(len(m.text) for m in messages))
     for _ in range(MAX_CUTS):
         before = (len(text), overflow.n_positions)
-        text = text[max(1, math.ceil((overflow.n_positions - budget) / slope)):]
+        # 10% more than the estimate: the template's positions, counted as text's, make it short
+        text = text[max(1, math.ceil(1.1 * (overflow.n_positions - budget) / slope)):]
         if not text:
             break
         try:
