@@ -166,7 +166,7 @@ def test_ctrl_c_then_sigkill_then_resume(cluster, many, tmp_path):
 
     again = caption(cluster.env, *args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"already there" in again.stderr
+    assert "already there" in again.stderr
     assert_each_once(out, many)
 
 

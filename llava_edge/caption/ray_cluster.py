@@ -66,7 +66,8 @@ def connect(address: str):
     try:
         ray.init(address=address, **options)
     except (ConnectionError, RuntimeError) as e:
-        raise UserError(f"--ray {address}: cannot join the cluster ({' '.join(str(e).split())}; {AUTH_HINT})") from None
+        hint = "" if address in ("local", "auto") else f"; {AUTH_HINT}"
+        raise UserError(f"--ray {address}: cannot join the cluster ({' '.join(str(e).split())}{hint})") from None
     return ray
 
 
