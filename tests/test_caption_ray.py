@@ -82,7 +82,7 @@ def cluster(request):
 def folder(tmp_path_factory):
     """The examples and the test images (PNG, JPEG, RGBA, 16-bit, palette, grey), a byte copy, a broken file."""
     d = tmp_path_factory.mktemp("photos")
-    for p in [*sorted((ROOT / "examples").glob("*.png")), *sorted((ROOT / "tests" / "data").iterdir())]:
+    for p in [*sorted((ROOT / "examples").glob("*.png")), *sorted(f for f in (ROOT / "tests" / "data").iterdir() if f.is_file())]:
         shutil.copy(p, d / p.name)
     shutil.copy(ROOT / "examples" / "green_triangle.png", d / "zz_copy.png")
     (d / "broken.png").write_bytes((ROOT / "examples" / "green_triangle.png").read_bytes()[:400])
