@@ -198,7 +198,7 @@ class CountingVision:
             raise ImageError(f"{name}: not an image file")
         return np.full((3, 2, 2), data[0], np.float32)
 
-    def encode_pixels(self, pixels):
+    def encode_pixels(self, pixels, image_tokens=None):
         self.batches.append(pixels.shape[0])
         return pixels.reshape(len(pixels), 3, 4)
 

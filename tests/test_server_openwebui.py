@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -126,7 +127,9 @@ def test_one_log_line_per_request_says_what_the_server_did(server, openai_client
     openai_answer(openai_client, recorded("openai_chat_1", "green_triangle.png", "Describe the image."))
     openai_client.models.list()
     httpx.post(f"{server.url}/v1/chat/completions", json={"messages": []}, timeout=30)
-    lines = log_lines(server)[before:]
+    deadline = time.monotonic() + 10  # a line is written when its response is done: give the last one time
+    while len(lines := log_lines(server)[before:]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(lines) == 3, lines
     chat, models, bad = lines
     assert re.search(r" POST /v1/chat/completions 200 \d+\.\d\ds prompt=\d+ cached=\d+ generated=\d+ "

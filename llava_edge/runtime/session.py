@@ -81,7 +81,10 @@ class ChatSession:
         """While the user types: the engine's thread prefills the image prefix (see prefill). It stops after its
         current step (about a second) when the block ends, by a line, Ctrl-C or Ctrl-D; what is left of the
         prefill runs before the next question, in the asking thread."""
-        self.prefill()
+        prefill = self.prefill()
+        if prefill is None or prefill.finished:  # nothing to do: no second thread while the line is read
+            yield
+            return
         self.engine.start()
         try:
             yield
