@@ -162,7 +162,7 @@ class EdgeVision:
         out = {}
         for precision, sess in self.sessions.items():
             t0 = time.perf_counter()
-            (embeds,) = sess.run(None, {"pixel_values": self.pixels})
+            (embeds,) = sess.run(["image_embeds"], {"pixel_values": self.pixels})  # every token (the default)
             out[f"{precision}_vision_ms"] = 1000 * (time.perf_counter() - t0)
             self.embeds[precision] = embeds[0]
         return out
