@@ -103,9 +103,9 @@ def test_prompt_is_the_reference_prompt_and_each_image_is_encoded_once(loaded, w
     real_encode = model.encode_images
     encoded_rows, calls = [], []
 
-    def counting_encode(pixel_values):
+    def counting_encode(pixel_values, image_tokens=None):
         encoded_rows.append(pixel_values.shape[0])
-        return real_encode(pixel_values)
+        return real_encode(pixel_values, image_tokens)
 
     def spy_generate(input_ids, **kwargs):
         calls.append((input_ids, kwargs))

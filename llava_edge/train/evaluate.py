@@ -56,8 +56,10 @@ def answer_questions(
     max_new_tokens: int = 24,
     image_batch_size: int = 8,
     progress: bool = True,
+    image_tokens: int | None = None,
 ) -> list[str]:
-    """Greedy answers, one per record, in record order.
+    """Greedy answers, one per record, in record order; image_tokens: K image tokens by token reduction
+    (None: all).
 
     Records are grouped by image path; the images are encoded `image_batch_size` at a time and each
     image's embeddings serve all the questions about it, then are dropped (memory stays bounded).
@@ -81,7 +83,7 @@ def answer_questions(
             chunk = images[start : start + max(1, image_batch_size)]
             pixels = np.stack([pixel_values(path, config) for path in chunk])
             with torch.no_grad():
-                embeds = model.encode_images(torch.from_numpy(pixels).to(device, dtype))
+                embeds = model.encode_images(torch.from_numpy(pixels).to(device, dtype), image_tokens)
             for path, image_embeds in zip(chunk, embeds):
                 for i in by_image[path]:
                     ids = prompt_ids(question_of(records[i]), config, sp.encode)
@@ -111,6 +113,7 @@ def evaluate(
     progress: bool = True,
     max_new_tokens: int = 24,
     image_batch_size: int = 8,
+    image_tokens: int | None = None,
 ) -> EvalResult:
     """Load the checkpoint (and its tokenizer.model), answer every record of data_json, score."""
     records = load_test_records(data_json, limit)
@@ -119,7 +122,7 @@ def evaluate(
         raise CheckpointError(f"{loaded.path}: no tokenizer.model in the checkpoint")
     predictions = answer_questions(
         loaded.model, loaded.config, loaded.tokenizer_path, records, Path(data_json).parent,
-        max_new_tokens=max_new_tokens, image_batch_size=image_batch_size, progress=progress,
+        max_new_tokens=max_new_tokens, image_batch_size=image_batch_size, progress=progress, image_tokens=image_tokens,
     )
     return score_predictions(records, predictions)
 
