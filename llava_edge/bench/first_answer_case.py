@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import statistics
 import sys
@@ -27,30 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
-
-from ..paths import CALIBRATION_DIR
 from ..runtime.bundle import open_bundle
 from .caption_case import native_output_to
 from .device import describe
+from .server_case import Images
 
 QUESTION = "Describe the image."
-
-
-class NewImages:
-    """Each call: a photo with one pixel changed, as PNG bytes (a cache miss with the same compute)."""
-
-    def __init__(self):
-        self.photos = [Image.open(p).convert("RGB") for p in sorted(CALIBRATION_DIR.glob("*.jpg"))]
-        self.k = 0
-
-    def __call__(self) -> bytes:
-        img = self.photos[self.k % len(self.photos)].copy()
-        img.putpixel((self.k // len(self.photos), 0), (self.k % 256, 17, 91))
-        self.k += 1
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        return buf.getvalue()
 
 
 def edge_cold(session, image: bytes, image_tokens: int | None) -> dict:
@@ -131,7 +112,7 @@ def run_case(bundle: Path, tokens: list[int], rounds: int, threads: int, handler
     session = ChatSession.open(bundle, threads=threads, n_ctx=2048)
     kv_session = ChatSession.open(bundle, threads=threads, n_ctx=2048, kv_cache_dir=work / "kv")
     baseline = Handler(bundle, threads, work / "handler.log") if handler else None
-    new_image = NewImages()
+    new_image = Images().next_png  # a photo with one pixel changed each call: a cache miss, the same compute
     paths = ["edge_all", *[f"edge_K{k}" for k in tokens], "edge_typed", "edge_kv_hit"] + (["handler"] if handler else [])
     runs: dict[str, list[dict]] = {p: [] for p in paths}
     for path in paths:  # warm-up: every path once (page cache, ORT and llama.cpp first-call costs)

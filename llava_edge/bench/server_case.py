@@ -62,13 +62,16 @@ class Images:
         self.photos = [Image.open(p).convert("RGB") for p in sorted(CALIBRATION_DIR.glob("*.jpg"))]
         self.k = 0
 
-    def next_uri(self) -> str:
+    def next_png(self) -> bytes:
         img = self.photos[self.k % len(self.photos)].copy()
         img.putpixel((self.k // len(self.photos), 0), (self.k % 256, 17, 91))
         self.k += 1
         buf = io.BytesIO()
         img.save(buf, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        return buf.getvalue()
+
+    def next_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.next_png()).decode()
 
 
 # ---------------------------------------------------------------------------------------------- servers
