@@ -47,7 +47,8 @@ def timed_run(options: list[str], bundle: Path, images: list[Path], parallel: in
     lines = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
     if rc != 0 or len(lines) != len(images) or any("error" in r for r in lines):
         raise RuntimeError(f"{' '.join(options)}: exit {rc}, {len(lines)} lines of {len(images)}; see {log}")
-    return {"wall_s": wall, "answers": {Path(r["path"]).name: r["answer"] for r in lines}}
+    return {"wall_s": wall, "load_average": os.getloadavg()[0],  # the other jobs on these cores, roughly
+            "answers": {Path(r["path"]).name: r["answer"] for r in lines}}
 
 
 def bench_case(name: str, bundle: Path, images: list[Path], small: int, rounds: int, threads: int, parallel: int,
@@ -63,12 +64,13 @@ def bench_case(name: str, bundle: Path, images: list[Path], small: int, rounds: 
                              work / "runs.log")
             got = {"steady_images_per_s": (len(images) - small) / max(1e-9, many["wall_s"] - few["wall_s"]),
                    "end_to_end_images_per_s": len(images) / many["wall_s"],
-                   "wall_s_small": few["wall_s"], "wall_s_large": many["wall_s"], "answers": many["answers"]}
+                   "wall_s_small": few["wall_s"], "wall_s_large": many["wall_s"], "answers": many["answers"],
+                   "load_average": many["load_average"]}
             runs[path].append(got)
             print(f"[ray bench] {name} round {r + 1}/{rounds} {path}: steady {got['steady_images_per_s']:.3f}, "
                   f"end to end {got['end_to_end_images_per_s']:.3f} images/s ({few['wall_s']:.1f} s for "
                   f"{small}, {many['wall_s']:.1f} s for {len(images)})", file=sys.stderr)
-    metrics = ("steady_images_per_s", "end_to_end_images_per_s", "wall_s_small", "wall_s_large")
+    metrics = ("steady_images_per_s", "end_to_end_images_per_s", "wall_s_small", "wall_s_large", "load_average")
     result = {"images_small": small, "images_large": len(images), "rounds": rounds, "threads": threads,
               "parallel": parallel, "max_tokens": max_tokens, "options": {p: " ".join(o) for p, o in paths.items()},
               "paths": {path: {m: {"median": statistics.median(v := [g[m] for g in got]), "runs": v} for m in metrics}
@@ -87,19 +89,21 @@ def markdown(report: dict) -> str:
             "medians of interleaved rounds.", "",
             "steady: the large set's extra images over its extra wall time against the small set (model loads, "
             "cluster and actor starts cancel out); end to end: the large set over the command's wall time, "
-            "everything included.", ""]
+            "everything included. load average: the 1-minute load at the end of each large run, the run's own "
+            "threads included (a quiet machine reads about the thread count).", ""]
     for name, r in report["cases"].items():
         rows += [f"## {name}: {r['images_small']} and {r['images_large']} images, --parallel {r['parallel']}, "
                  f"--max-tokens {r['max_tokens']}, {r['rounds']} rounds", "", f"{r['description']}", "",
                  "| path | options | steady images/s | vs local | end to end images/s | vs local | "
-                 f"wall s ({r['images_small']} / {r['images_large']}) | answers = local |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 f"wall s ({r['images_small']} / {r['images_large']}) | load average | answers = local |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for path, v in r["paths"].items():
             ratio = r["ratios_vs_local"].get(path, {})
+            loads = " ".join(f"{x:.1f}" for x in v["load_average"]["runs"])
             rows.append(f"| {path} | `{r['options'][path]}` | {v['steady_images_per_s']['median']:.3f} | "
                         f"{ratio.get('steady_images_per_s', 1.0):.2f} | {v['end_to_end_images_per_s']['median']:.3f} | "
                         f"{ratio.get('end_to_end_images_per_s', 1.0):.2f} | {v['wall_s_small']['median']:.1f} / "
-                        f"{v['wall_s_large']['median']:.1f} | {r['answers_equal_local'][path]} |")
+                        f"{v['wall_s_large']['median']:.1f} | {loads} | {r['answers_equal_local'][path]} |")
         rows.append("")
     return "\n".join(rows)
 
