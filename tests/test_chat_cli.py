@@ -64,6 +64,7 @@ def test_kv_cache_dir_lets_a_new_process_skip_the_image_prefill(tmp_path):
     assert not cold["timings"]["kv_restored"] and warm["timings"]["kv_restored"]
     assert cold["timings"]["n_prefilled"] == cold["n_prompt_tokens"]
     assert warm["timings"]["n_prefilled"] < cold["n_prompt_tokens"] - 64  # the image's 64 positions came from disk
+    assert cold["timings"]["vision_ms"] > 0 and warm["timings"]["vision_ms"] == 0  # and the image was not encoded
 
 
 def test_interactive_chat_with_commands():

@@ -341,3 +341,40 @@ def test_near_ties_are_counted_apart():
     assert got["top1_agreement"] == pytest.approx(1 / 3)
     assert got["top1_agreement_clear"] == pytest.approx(1 / 2)
     assert got["mismatch_positions"] == [0, 2]
+
+
+# ----------------------------------------------------------------------------- token-embedding rows
+
+
+DEMO_DECODER = Path(__file__).resolve().parents[1] / "llava_edge" / "assets" / "demo" / "bundle" / "decoder-Q4_K_M.gguf"
+
+
+@pytest.mark.parametrize("key", ["liu-F32", "liu-F16", "liu-Q8_0", "liu-Q4_K_M", "Q4_0", "Q5_K_M", "demo"])
+def test_token_embedding_rows_are_the_ones_llama_cpp_looks_up(ggufs, key, tmp_path):
+    """The text of a prompt decoded as embedding rows gives llama.cpp's own logits for those token ids, bit for
+    bit (the same batch, so the same kernels: any difference is the rows')."""
+    from llava_edge.runtime.executor import Executor
+    from llava_edge.runtime.token_embeddings import BLOCK, Q4_K, TokenEmbeddings
+
+    if key in ("Q4_0", "Q5_K_M"):
+        path = quantize_gguf(ggufs["liu-F16"], tmp_path / f"{key}.gguf", key, n_threads=1, progress=False)
+    else:
+        path = DEMO_DECODER if key == "demo" else ggufs[key]
+    types = {t.name: int(t.tensor_type) for t in GGUFReader(path).tensors}
+    table = TokenEmbeddings.open(path)
+    if key == "demo":
+        assert types["token_embd.weight"] == Q4_K  # the shipped model covers the K-quant path
+    assert (table is not None) == (types["token_embd.weight"] in BLOCK)
+    if table is None:
+        pytest.skip(f"token_embd is ggml type {types['token_embd.weight']}: decoded as tokens")
+    llm = open_llama(path, n_ctx=128, n_threads=1, n_batch=64)
+    executor = Executor(llm, 64, table.n_embd, table.n_vocab)
+    ids = [1] + [int(i) for i in np.random.default_rng(3).integers(3, table.n_vocab, size=40)]
+    executor.decode_tokens([(0, i, t, True) for i, t in enumerate(ids)])
+    by_token = np.stack([executor.logits(i) for i in range(len(ids))])
+    executor.truncate(0, 0)
+    executor.decode_embeddings(0, 0, table.rows(ids), [True] * len(ids))
+    by_row = np.stack([executor.logits(i) for i in range(len(ids))])
+    executor.close()
+    llm.close()
+    assert np.array_equal(by_token, by_row)

@@ -81,7 +81,7 @@ def test_never_resumes_inside_an_image():
     (a,), _ = s.admit()
     assert a.keep == 3 and s.slots[0].held == PROMPT[:3]
     plan = s.plan(512)
-    assert plan.tokens == [] and (plan.image.begin, plan.image.end, plan.image.span_start) == (3, 11, 3)
+    assert plan.tokens == [] and (plan.image.begin, plan.image.end) == (3, 11)
     assert plan.image.pos == 3
 
 
@@ -252,3 +252,45 @@ def test_restored_prefix_moves_the_cursor():
     assert s.slots[0].held == PROMPT[:11] and j.cursor == 11
     plan = s.plan(512)
     assert [e.token for e in plan.tokens] == [12, 13, 14] and plan.tokens[-1].wants_logits
+
+
+def test_with_embedded_text_the_text_around_an_image_shares_its_decode():
+    plain, embedded = (Scheduler(n_slots=1, queue_limit=4, n_batch=64, embed_text=e) for e in (False, True))
+    for s in (plain, embedded):
+        submit(s, job(PROMPT))
+        s.admit()
+    first = plain.plan(512)
+    assert [e.token for e in first.tokens] == [1, 10, 11] and (first.image.begin, first.image.end) == (3, 11)
+    plan = embedded.plan(512)  # one decode of 14 rows instead of three decodes
+    assert plan.tokens == [] and (plan.image.begin, plan.image.end, plan.image.wants_logits) == (0, 14, True)
+
+
+def test_an_embeddings_chunk_stops_at_the_cut_and_at_n_batch():
+    s = Scheduler(n_slots=1, queue_limit=4, n_batch=8, embed_text=True)
+    j = submit(s, job(PROMPT, cut=11))  # the disk store saves the KV at the image's end
+    s.admit()
+    spans = []
+    for _ in range(4):
+        plan = s.plan(512)
+        if plan.image is not None:
+            spans.append((plan.image.begin, plan.image.end))
+            s.commit_image(plan)
+        else:
+            spans.append([e.token for e in plan.tokens])
+            s.commit_tokens(plan)
+        if j.prefilled:
+            break
+    assert spans == [(0, 8), (8, 11), [12, 13, 14]]  # n_batch, then the cut; then text alone, as tokens
+
+
+def test_embedded_text_waits_for_room_beside_a_decoding_answer():
+    s = Scheduler(n_slots=2, queue_limit=4, n_batch=64, embed_text=True)
+    submit(s, job([1, 2, 3]))
+    s.admit()
+    run_to_decoding(s)
+    submit(s, job(PROMPT))
+    s.admit()
+    plan = s.plan(Budget(2, 0))  # no image decode fits this step: its text rides in the token decode
+    assert [e.token for e in plan.tokens] == [7, 1, 10] and plan.image is None
+    plan = s.plan(Budget(2, 16))
+    assert [e.token for e in plan.tokens] == [7] and (plan.image.begin, plan.image.end) == (0, 14)

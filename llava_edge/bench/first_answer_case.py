@@ -5,6 +5,8 @@ order rotated:
 
     edge_all       llava-edge, every image token (the reference), cold: encode + prefill + first token
     edge_K<k>      the same with --image-tokens k (VisionZip-style reduction in the vision graph)
+    *_split        edge_all and the smallest edge_K with the text decoded apart from the image (EngineConfig
+                   embed_text=False: one decode per run of text, as before the text rode in the image's decode)
     edge_typed     the interactive chat: the image prefix was prefilled while the user typed; from the question
     edge_kv_hit    the image prefix's KV from the on-disk store (its slot KV and embedding cache emptied first)
     handler        llama-cpp-python's Llava15ChatHandler (llama.cpp's mtmd + the same GGUF), as its users call it
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -106,23 +109,32 @@ class Handler:
 
 
 def run_case(bundle: Path, tokens: list[int], rounds: int, threads: int, handler: bool) -> dict:
+    from ..runtime.engine import Engine, EngineConfig
     from ..runtime.session import ChatSession
 
     work = Path(tempfile.mkdtemp(prefix="llava-edge-first-answer-"))
-    session = ChatSession.open(bundle, threads=threads, n_ctx=2048)
-    kv_session = ChatSession.open(bundle, threads=threads, n_ctx=2048, kv_cache_dir=work / "kv")
-    baseline = Handler(bundle, threads, work / "handler.log") if handler else None
-    new_image = Images().next_png  # a photo with one pixel changed each call: a cache miss, the same compute
-    paths = ["edge_all", *[f"edge_K{k}" for k in tokens], "edge_typed", "edge_kv_hit"] + (["handler"] if handler else [])
-    runs: dict[str, list[dict]] = {p: [] for p in paths}
-    for path in paths:  # warm-up: every path once (page cache, ORT and llama.cpp first-call costs)
-        _one(path, session, kv_session, baseline, new_image())
-    for r in range(rounds):
-        order = paths[r % len(paths):] + paths[:r % len(paths)]
-        for path in order:
-            got = _one(path, session, kv_session, baseline, new_image())
-            runs[path].append(got)
-            print(f"[first answer] round {r + 1}/{rounds} {path}: {got['ttft_ms']:.0f} ms", file=sys.stderr)
+    try:
+        sessions = {"edge": ChatSession.open(bundle, threads=threads, n_ctx=2048),
+                    "split": ChatSession(Engine.open(bundle, EngineConfig(threads=threads, n_ctx=2048,
+                                                                          embed_text=False))),
+                    "kv": ChatSession.open(bundle, threads=threads, n_ctx=2048, kv_cache_dir=work / "kv")}
+        baseline = Handler(bundle, threads, work / "handler.log") if handler else None
+        new_image = Images().next_png  # a photo with one pixel changed each call: a cache miss, the same compute
+        paths = (["edge_all", *[f"edge_K{k}" for k in tokens], "edge_typed", "edge_kv_hit", "edge_all_split"]
+                 + [f"edge_K{min(tokens)}_split"] * bool(tokens) + ["handler"] * handler)
+        runs: dict[str, list[dict]] = {p: [] for p in paths}
+        for path in paths:  # warm-up: every path once (page cache, ORT and llama.cpp first-call costs)
+            _one(path, sessions, baseline, new_image())
+        for r in range(rounds):
+            order = paths[r % len(paths):] + paths[:r % len(paths)]
+            for path in order:
+                got = _one(path, sessions, baseline, new_image())
+                runs[path].append(got)
+                print(f"[first answer] round {r + 1}/{rounds} {path}: {got['ttft_ms']:.0f} ms", file=sys.stderr)
+        for session in sessions.values():
+            session.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the KV store holds ~330 MB per image at 7B
     medians = {p: statistics.median(g["ttft_ms"] for g in got) for p, got in runs.items()}
     spec = open_bundle(bundle, verify=False).vision
     return {"bundle": str(bundle), "n_image_tokens": spec.n_image_tokens, "rounds": rounds, "threads": threads,
@@ -130,15 +142,17 @@ def run_case(bundle: Path, tokens: list[int], rounds: int, threads: int, handler
             "ratio_vs_edge_all": {p: medians[p] / medians["edge_all"] for p in paths}}
 
 
-def _one(path, session, kv_session, baseline, image: bytes) -> dict:
-    if path == "edge_all":
+def _one(path, sessions, baseline, image: bytes) -> dict:
+    session = sessions["split" if path.endswith("_split") else "edge"]
+    name = path.removesuffix("_split")
+    if name == "edge_all":
         return edge_cold(session, image, None)
-    if path.startswith("edge_K"):
-        return edge_cold(session, image, int(path.removeprefix("edge_K")))
-    if path == "edge_typed":
+    if name.startswith("edge_K"):
+        return edge_cold(session, image, int(name.removeprefix("edge_K")))
+    if name == "edge_typed":
         return edge_typed(session, image)
-    if path == "edge_kv_hit":
-        return edge_kv_hit(kv_session, image)
+    if name == "edge_kv_hit":
+        return edge_kv_hit(sessions["kv"], image)
     return baseline.run(image)
 
 

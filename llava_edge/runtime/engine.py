@@ -15,7 +15,9 @@ import signal
 import sys
 import threading
 import time
+
 import llama_cpp
+import numpy as np
 
 from ..conversation import stop_strings
 from ..errors import ContextOverflow, UserError
@@ -29,7 +31,9 @@ from .llama_loader import open_llama
 from .prefix_state import PrefixStates
 from .prompt import DeferredImage, Message, Prompt, PromptRenderer, check_messages
 from .sampling import SamplingConfig
-from .scheduler import Job, QueueFull, Scheduler, Slot, StepCost, StepPlan, common_prefix, prefill_budget
+from .scheduler import (ImageChunk, Job, QueueFull, Scheduler, Slot, StepCost, StepPlan, common_prefix,
+                        prefill_budget)
+from .token_embeddings import TokenEmbeddings
 from .vision import EmbeddingCache, EncodedImage, VisionEncoder
 
 EngineBusy = QueueFull  # the name the server and caption know it by
@@ -50,7 +54,11 @@ class Engine:
         self.stops = stop_strings(bundle.template)
         self.renderer = PromptRenderer(bundle.template, self.decoder.tokenize, bundle.bos_id, bundle.eos_id,
                                        self.decoder.n_vocab, self.decoder.n_embd, self.n_image_tokens)
-        self.scheduler = Scheduler(config.parallel, config.queue, self.n_batch)
+        # the token-embedding table, when its rows can be made exactly as llama.cpp makes them (token_embeddings.py)
+        table = TokenEmbeddings.open(bundle.decoder_file) if config.embed_text else None
+        fits = table is not None and (table.n_embd, table.n_vocab) == (self.decoder.n_embd, self.decoder.n_vocab)
+        self.token_rows = table if fits else None
+        self.scheduler = Scheduler(config.parallel, config.queue, self.n_batch, embed_text=self.token_rows is not None)
         self.executor = Executor(llm, self.n_batch, self.decoder.n_embd, self.decoder.n_vocab)
         self.prefix_states = PrefixStates(config.kv_cache_dir, llm, bundle.manifest["files"]["decoder"]["sha256"],
                                           bundle.template, config.f32_kv) if config.kv_cache_dir else None
@@ -120,9 +128,24 @@ class Engine:
             raise
         gen = Generation(self, prompt.images, sampling, self.stops + list(sampling.stop), timings, t_start)
         gen.job = Job(prompt.keys, prompt.image_spans, prefill_only, owner=gen)
+        if self.prefix_states is not None:  # the disk store saves the KV at the first image's end
+            gen.job.cut = gen.job.first_image_end()
         self.scheduler.submit(gen.job)
         self._wake()
         return gen
+
+    def prefix_stored(self, messages: list[Message], image_tokens: int | None = None) -> bool:
+        """Whether the disk store holds the KV of this chat up to the end of its first image: then the image need
+        not be encoded (the chat asks before it encodes a new image)."""
+        if self.prefix_states is None:
+            return False
+        check_messages(messages)
+        images = [self._image(source, image_tokens) for m in messages for source in m.images]
+        prompt = self.renderer.render(messages, images)
+        if not prompt.images:
+            return False
+        start = min(prompt.images)
+        return self.prefix_states.has(prompt.keys[:start + prompt.image_spans[start]])
 
     def _image(self, source, image_tokens: int | None) -> EncodedImage | DeferredImage:
         """The embeddings when they are at hand (given, or in the embedding cache), else a DeferredImage."""
@@ -260,10 +283,7 @@ class Engine:
                     self._draw(e.slot, row)
         if plan.image is not None:
             c = plan.image
-            gen = c.slot.job.owner
-            if isinstance(gen.images[c.span_start], DeferredImage):  # the KV that held it was lost meanwhile
-                gen.images[c.span_start] = self._encode(gen.images[c.span_start]).embeds
-            embeds = gen.images[c.span_start][c.begin - c.span_start:c.end - c.span_start]
+            embeds = self._chunk_rows(c)
             t0 = time.perf_counter()
             self.executor.decode_embeddings(c.slot.seq, c.pos, embeds, c.wants_logits)
             self.step_cost.add(c.end - c.begin, time.perf_counter() - t0)
@@ -272,6 +292,25 @@ class Engine:
                 self.prefix_states.save(c.slot.seq, c.slot.job.keys[:c.end])
             if c.wants_logits:
                 self._draw(c.slot, c.end - c.begin - 1)
+
+    def _chunk_rows(self, c: ImageChunk) -> np.ndarray:
+        """The embedding rows of a chunk's positions: image embeddings, and token-table rows for its text."""
+        job, gen = c.slot.job, c.slot.job.owner
+        parts, i = [], c.begin
+        while i < c.end:
+            start = job.span_start(i)
+            if start is None:
+                j = i
+                while j < c.end and job.span_start(j) is None:
+                    j += 1
+                parts.append(self.token_rows.rows(job.keys[i:j]))
+            else:
+                if isinstance(gen.images[start], DeferredImage):  # the KV that held it was lost meanwhile
+                    gen.images[start] = self._encode(gen.images[start]).embeds
+                j = min(c.end, start + job.image_spans[start])
+                parts.append(gen.images[start][i - start:j - start])
+            i = j
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _draw(self, slot: Slot, row: int) -> None:
         gen = slot.job.owner

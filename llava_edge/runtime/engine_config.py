@@ -21,6 +21,7 @@ class EngineConfig:
     image_tokens: int | None = None  # tokens per image when a request names none (None: all, the reference)
     decode_slowdown: float = 0.25  # prefill riding along may slow the next token of the answers by at most this
     prefill_ahead_step_seconds: float = 3.0  # steps of a prefill nobody waits on yet (the chat's, while typing)
+    embed_text: bool = True  # the text next to an image goes in the image's decode, as embedding rows
 
     def __post_init__(self):
         for name in ("parallel", "n_batch", "queue"):

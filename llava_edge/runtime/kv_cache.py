@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -105,8 +106,9 @@ class KVCache:
     def path(self, key: PrefixKey) -> Path:
         return self.directory / f"{key.digest()}{SUFFIX}"
 
-    def get(self, key: PrefixKey) -> bytearray | None:
-        """The payload saved under `key` (a bytearray, so ctypes can wrap it without a copy), or None."""
+    def get(self, key: PrefixKey) -> memoryview | None:
+        """The payload saved under `key`, or None. It is a copy-on-write map of the file, writable so that ctypes
+        can wrap it: a 7B prefix (~330 MB) is neither allocated nor copied before llama.cpp reads it."""
         path = self.path(key)
         try:
             f = open(path, "rb")
@@ -196,7 +198,7 @@ class KVCache:
             _unlink(path)
 
 
-def _read_entry(f, key_bytes: bytes) -> bytearray | None:
+def _read_entry(f, key_bytes: bytes) -> memoryview | None:
     """The payload of an open entry file if its header, key, length and checksum all match; else None."""
     header = f.read(_HEADER.size)
     if len(header) != _HEADER.size:
@@ -208,9 +210,9 @@ def _read_entry(f, key_bytes: bytes) -> bytearray | None:
         return None
     if f.read(key_len) != key_bytes:
         return None
-    payload = bytearray(payload_len)
-    if f.readinto(payload) != payload_len:
-        return None
+    # Writers replace entries by rename, never in place, so the mapped file does not change under the map.
+    whole = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    payload = memoryview(whole)[_HEADER.size + key_len:]
     digest = hashlib.sha256(key_bytes)
     digest.update(payload)
     return payload if digest.digest() == checksum else None

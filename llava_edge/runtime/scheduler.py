@@ -36,6 +36,7 @@ class Job:
     pending: int | None = None  # a drawn token, evaluated by the next step
     cancel_reason: str | None = None
     arrival: int = 0
+    cut: int = 0  # a position no embeddings chunk runs past (the disk store saves the KV up to it); 0: none
 
     @property
     def decoding(self) -> bool:
@@ -85,9 +86,10 @@ class TokenEntry:
 
 @dataclass
 class ImageChunk:
+    """Prompt positions [begin, end) of one job decoded as embedding rows: image positions, and with
+    `Scheduler.embed_text` the text next to them too (one decode instead of one per run of text)."""
     slot: Slot
-    span_start: int  # the prompt position the image starts at
-    begin: int  # prompt positions [begin, end) of this chunk
+    begin: int
     end: int
     wants_logits: bool  # the chunk ends the prompt
 
@@ -140,7 +142,7 @@ class StepCost:
 @dataclass
 class Budget:
     tokens: int  # prefill positions that may ride in the token decode
-    image: int  # image positions in this step's own embeddings decode (0: none this step)
+    image: int  # positions in this step's own embeddings decode (0: none this step)
 
 
 def prefill_budget(n_batch: int, cost: StepCost, n_decoding: int, slowdown: float, background_seconds: float,
@@ -168,6 +170,17 @@ def prefill_budget(n_batch: int, cost: StepCost, n_decoding: int, slowdown: floa
     return Budget(tokens, min(n_batch, image) if image >= 16 else 0)
 
 
+def _chunk_end(job: Job, begin: int, limit: int) -> int | None:
+    """Where an embeddings chunk of `job` from `begin` ends (at most `limit`, never past `job.cut`), or None when
+    it would hold no image position (text alone goes in the token decode)."""
+    end = min(limit, len(job.keys))
+    if begin < job.cut:
+        end = min(end, job.cut)
+    if any(start < end and begin < start + n for start, n in job.image_spans.items()):
+        return end
+    return None
+
+
 def common_prefix(a: list[Key], b: list[Key]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -181,9 +194,10 @@ class Scheduler:
     """Thread-safe: requests are reserved, submitted and cancelled from any thread; one stepping thread at a
     time calls admit, plan and the commits."""
 
-    def __init__(self, n_slots: int, queue_limit: int, n_batch: int):
+    def __init__(self, n_slots: int, queue_limit: int, n_batch: int, embed_text: bool = False):
         self.slots = [Slot(i) for i in range(n_slots)]
         self.queue_limit, self.n_batch = queue_limit, n_batch
+        self.embed_text = embed_text  # the engine can turn token ids into embedding rows
         self.waiting: list[Job] = []
         self.reserved = 0  # places taken by requests whose images are still being encoded
         self.lock = threading.Lock()
@@ -275,8 +289,9 @@ class Scheduler:
 
     def plan(self, budget: Budget | int) -> StepPlan:
         """Every decoding job's next token, then prefill in arrival order: text tokens into the same batch, and
-        at most one image chunk. At most n_batch positions in each decode; of prefill, at most budget.tokens
-        in all and budget.image in the image chunk (an int: both)."""
+        at most one embeddings chunk (an image; with embed_text, from the job's next position through the image and
+        the text after it). At most n_batch positions in each decode; of prefill, at most budget.tokens in all and
+        budget.image in the chunk (an int: both)."""
         if isinstance(budget, int):
             budget = Budget(budget, budget)
         image_budget = budget.image
@@ -290,6 +305,14 @@ class Scheduler:
         positions = {s.seq: len(s.held) for s in active}
         for s in sorted((s for s in active if not s.job.decoding), key=lambda s: s.job.arrival):
             job, i = s.job, s.job.cursor
+            if self.embed_text and plan.image is None and min(budget, image_budget) > 0:
+                end = _chunk_end(job, i, i + min(budget, image_budget, self.n_batch))
+                if end is not None:  # text, image and text in one decode
+                    plan.image = ImageChunk(s, i, end, end == len(job.keys) and not job.prefill_only)
+                    budget -= end - i
+                    if budget <= 0:
+                        break
+                    continue
             while budget > 0 and i < len(job.keys) and job.span_start(i) is None:
                 wants = i == len(job.keys) - 1 and not job.prefill_only
                 plan.tokens.append(TokenEntry(s, job.keys[i], positions[s.seq], wants))
@@ -300,7 +323,7 @@ class Scheduler:
             if budget > 0 and image_budget > 0 and plan.image is None and start is not None:
                 end = min(start + job.image_spans[start], i + budget, i + image_budget, i + self.n_batch)
                 last = end == len(job.keys)
-                plan.image = ImageChunk(s, start, i, end, last and not job.prefill_only)
+                plan.image = ImageChunk(s, i, end, last and not job.prefill_only)
                 budget -= end - i
             if budget <= 0:
                 break

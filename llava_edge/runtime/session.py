@@ -28,7 +28,7 @@ class ChatSession:
         self.engine = engine
         self.bundle, self.vision = engine.bundle, engine.vision
         self.image_tokens = image_tokens  # None: every image token (the reference)
-        self.image: EncodedImage | None = None
+        self.image: EncodedImage | bytes | None = None  # bytes: not encoded (see set_image)
         self.image_path = None  # what set_image was given, when it was a path
         self._image_fresh = False  # the image's encode time has not been reported by a turn yet
         self._paid_ahead = False  # the image was encoded and prefilled before the question was asked
@@ -58,9 +58,17 @@ class ChatSession:
 
     # ------------------------------------------------------------------ conversation state
 
-    def set_image(self, source: str | os.PathLike | bytes) -> EncodedImage:
-        """Start a new conversation about this image (encoded now, or taken from the cache)."""
-        image = self.vision.encode(source) if self.image_tokens is None else self.vision.encode(source, self.image_tokens)
+    def set_image(self, source: str | os.PathLike | bytes) -> EncodedImage | bytes:
+        """Start a new conversation about this image: encoded now (or taken from the embedding cache), unless the
+        disk KV store holds the conversation's prefix up to the image's end; then it is never encoded, and the
+        conversation holds the image's bytes."""
+        _, data, _ = self.vision.identify(source)
+        if self.engine.prefix_stored([Message("user", "", [data])], self.image_tokens):
+            image = data
+        elif self.image_tokens is None:
+            image = self.vision.encode(source)
+        else:
+            image = self.vision.encode(source, self.image_tokens)
         self.cancel_prefill()
         self.image, self._image_fresh, self._paid_ahead = image, True, False
         self.image_path = None if isinstance(source, bytes) else source
@@ -119,8 +127,9 @@ class ChatSession:
         generation = self.engine.generate(self.messages(question), sampling or SamplingConfig(), self.image_tokens)
         self._prefill = None  # queued behind it: the question resumes from what the prefill leaves in the KV
         fresh = self.image is not None and self._image_fresh
-        vision_ms = self.image.vision_ms if fresh else 0.0
-        image_cached = self.image.cached if fresh else False
+        encoded = isinstance(self.image, EncodedImage)  # else its KV is on disk: it costs no encode
+        vision_ms = self.image.vision_ms if fresh and encoded else 0.0
+        image_cached = (not encoded or self.image.cached) if fresh else False
         waited_ms = 0.0 if self._paid_ahead else vision_ms  # an encode done while the user typed is not waited for
         self._image_fresh = self._paid_ahead = False
         try:
