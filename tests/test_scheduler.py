@@ -283,14 +283,25 @@ def test_an_embeddings_chunk_stops_at_the_cut_and_at_n_batch():
     assert spans == [(0, 8), (8, 11), [12, 13, 14]]  # n_batch, then the cut; then text alone, as tokens
 
 
-def test_embedded_text_waits_for_room_beside_a_decoding_answer():
+def test_text_leading_to_an_image_waits_for_the_image_s_decode():
     s = Scheduler(n_slots=2, queue_limit=4, n_batch=64, embed_text=True)
     submit(s, job([1, 2, 3]))
     s.admit()
     run_to_decoding(s)
     submit(s, job(PROMPT))
     s.admit()
-    plan = s.plan(Budget(2, 0))  # no image decode fits this step: its text rides in the token decode
-    assert [e.token for e in plan.tokens] == [7, 1, 10] and plan.image is None
+    plan = s.plan(Budget(2, 0))  # no image decode fits this step: its text waits too, for the image's decode
+    assert [e.token for e in plan.tokens] == [7] and plan.image is None
     plan = s.plan(Budget(2, 16))
     assert [e.token for e in plan.tokens] == [7] and (plan.image.begin, plan.image.end) == (0, 14)
+
+
+def test_a_later_request_s_text_does_not_delay_the_first_one_s_answer():
+    s = Scheduler(n_slots=3, queue_limit=4, n_batch=64, embed_text=True)
+    first = submit(s, job(PROMPT))
+    submit(s, job([1, 20, 21] + image("b", 8) + [22]))
+    chat = submit(s, job([1, 30, 31]))  # no image: its text goes in the token decode as always
+    s.admit()
+    plan = s.plan(512)
+    assert plan.image.slot.job is first and (plan.image.begin, plan.image.end) == (0, 14)
+    assert [e.token for e in plan.tokens] == [1, 30, 31] and all(e.slot.job is chat for e in plan.tokens)

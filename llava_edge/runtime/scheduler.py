@@ -170,15 +170,14 @@ def prefill_budget(n_batch: int, cost: StepCost, n_decoding: int, slowdown: floa
     return Budget(tokens, min(n_batch, image) if image >= 16 else 0)
 
 
-def _chunk_end(job: Job, begin: int, limit: int) -> int | None:
-    """Where an embeddings chunk of `job` from `begin` ends (at most `limit`, never past `job.cut`), or None when
-    it would hold no image position (text alone goes in the token decode)."""
+def _chunk_end(job: Job, begin: int, limit: int) -> int:
+    """Where an embeddings chunk of `job` from `begin` ends: at `limit`, the prompt's end or `job.cut`."""
     end = min(limit, len(job.keys))
-    if begin < job.cut:
-        end = min(end, job.cut)
-    if any(start < end and begin < start + n for start, n in job.image_spans.items()):
-        return end
-    return None
+    return min(end, job.cut) if begin < job.cut else end
+
+
+def _holds_image(job: Job, begin: int, end: int) -> bool:
+    return any(start < end and begin < start + n for start, n in job.image_spans.items())
 
 
 def common_prefix(a: list[Key], b: list[Key]) -> int:
@@ -305,14 +304,15 @@ class Scheduler:
         positions = {s.seq: len(s.held) for s in active}
         for s in sorted((s for s in active if not s.job.decoding), key=lambda s: s.job.arrival):
             job, i = s.job, s.job.cursor
-            if self.embed_text and plan.image is None and min(budget, image_budget) > 0:
-                end = _chunk_end(job, i, i + min(budget, image_budget, self.n_batch))
-                if end is not None:  # text, image and text in one decode
+            if self.embed_text and _holds_image(job, i, _chunk_end(job, i, i + self.n_batch)):
+                # text that leads to an image waits for the image's decode (cheaper than a decode of its own)
+                if plan.image is None and min(budget, image_budget) > 0:
+                    end = _chunk_end(job, i, i + min(budget, image_budget, self.n_batch))
                     plan.image = ImageChunk(s, i, end, end == len(job.keys) and not job.prefill_only)
                     budget -= end - i
                     if budget <= 0:
                         break
-                    continue
+                continue
             while budget > 0 and i < len(job.keys) and job.span_start(i) is None:
                 wants = i == len(job.keys) - 1 and not job.prefill_only
                 plan.tokens.append(TokenEntry(s, job.keys[i], positions[s.seq], wants))
