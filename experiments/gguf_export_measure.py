@@ -119,13 +119,13 @@ def stage_quantize(work: Path, threads: int) -> dict:
 def stage_run(work: Path, threads: int) -> dict:
     import numpy as np
 
-    from llava_edge.runtime.decoder import Decoder
+    from llava_edge.runtime.tokenizer import Tokenizer
     from llava_edge.runtime.llama_loader import open_llama
     from llava_edge.runtime.llama_probe import extra_bufts_verdict
 
     verdict = extra_bufts_verdict()  # probed (once per machine) before the clock starts
     start = time.perf_counter()
-    decoder = Decoder(open_llama(work / "decoder-Q4_K_M.gguf", n_ctx=256, n_batch=64, n_threads=threads))
+    decoder = Tokenizer(open_llama(work / "decoder-Q4_K_M.gguf", n_ctx=256, n_batch=64, n_threads=threads))
     load_s = time.perf_counter() - start
     start = time.perf_counter()
     decoder.eval_tokens(list(range(3, 3 + 64)))

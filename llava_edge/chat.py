@@ -10,11 +10,10 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from .errors import UserError
+from .errors import ContextOverflow, UserError
 from .line_input import line_reader
-from .runtime.bundle import DEMO_DOMAIN, Bundle, cache_dir, checked_image_tokens
-from .runtime.sampling import SamplingConfig
-from .runtime.session import ChatSession
+from .paths import cache_dir
+from .runtime import ChatSession, Model, SamplingConfig
 
 HELP = ("commands: /image PATH (a new conversation about another image; quotes and ~ work), /reset (forget the "
         "questions, keep the image), /help, /quit. Keys: arrows edit and recall earlier lines, Ctrl-C clears the "
@@ -25,32 +24,12 @@ DEMO_NOTE = ("llava-edge: note: this is the demo model, trained on a synthetic w
              "--bundle llava-v1.5-7b-edge.")
 
 
-def demo_note(bundle: Bundle, print_it: bool = True) -> str | None:
+def demo_note(model: Model, print_it: bool = True) -> str | None:
     """The one-line warning that the demo model answers (from the manifest's domain); printed on stderr."""
-    note = DEMO_NOTE if bundle.domain == DEMO_DOMAIN else None
+    note = DEMO_NOTE if model.is_demo else None
     if note and print_it:
         print(note, file=sys.stderr)
     return note
-
-
-def context_length(bundle: Bundle, n_ctx: int | None) -> int | None:
-    """--n-ctx checked against the model: too small for the image is refused, past the trained context is cut
-    to it with a note on stderr (llama.cpp would run on, past the positions the model ever saw)."""
-    if n_ctx is None:
-        return None
-    images = bundle.vision.n_image_tokens
-    if n_ctx <= images:
-        raise UserError(f"--n-ctx {n_ctx} is too small: the image alone takes {images} positions")
-    if n_ctx > bundle.n_ctx_train:
-        print(f"llava-edge: note: --n-ctx {n_ctx} is more than the model was trained on; using {bundle.n_ctx_train}",
-              file=sys.stderr)
-        return bundle.n_ctx_train
-    return n_ctx
-
-
-def check_image_tokens(bundle: Bundle, image_tokens: int | None) -> None:
-    """--image-tokens checked before anything loads."""
-    checked_image_tokens(bundle.path, bundle.vision, image_tokens)
 
 
 def image_argument(text: str) -> Path:
@@ -122,7 +101,8 @@ def repl(session: ChatSession, image: Path, sampling: SamplingConfig, note: str 
         except UserError as e:  # e.g. the conversation no longer fits the context: the chat goes on
             if not as_json:
                 print()
-            print(f"llava-edge: {e}", file=sys.stderr)
+            hint = ": /reset forgets the questions (the image stays)" if isinstance(e, ContextOverflow) else ""
+            print(f"llava-edge: {e}{hint}", file=sys.stderr)
 
 
 def command(session: ChatSession, line: str) -> bool:

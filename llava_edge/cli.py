@@ -12,8 +12,7 @@ import typer
 from .errors import UserError
 from .extras import require_extra, require_heavy
 from .caption.config import VISION_BATCH, CaptionConfig
-from .runtime.bundle import MAX_DEFAULT_N_CTX
-from .runtime.engine_config import EngineConfig
+from .runtime.engine_config import DEFAULT_DEVICE, MAX_DEFAULT_N_CTX, EngineConfig
 from .runtime.sampling import SamplingConfig
 from .server.config import ServerConfig
 
@@ -111,7 +110,7 @@ def chat(
     as_json: bool = typer.Option(False, "--json", help="with --prompt: one JSON object with the answer and timings; "
                                                        "without it, one JSON line per question read from stdin"),
     image_tokens: Optional[int] = typer.Option(default(EngineConfig, "image_tokens"), help=IMAGE_TOKENS_HELP),
-    device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
+    device: str = typer.Option(DEFAULT_DEVICE, help="vision on auto|cpu|cuda|tensorrt"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
     n_ctx: Optional[int] = typer.Option(None, help=f"context length (default: the model's, at most "
                                                   f"{MAX_DEFAULT_N_CTX}; more is cut to the model's trained context)"),
@@ -120,22 +119,19 @@ def chat(
         None, help="keep the KV of the image prompt here: a later run about the same image skips its prefill"),
 ):
     """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
-    from .chat import answer_once, check_image_tokens, context_length, demo_note, repl
-    from .runtime.bundle import DEMO_BUNDLE, open_bundle
-    from .runtime.session import ChatSession
+    from .chat import answer_once, demo_note, repl
+    from .runtime import ChatSession, Model
 
-    _check_threads(threads)
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    manifest = open_bundle(bundle or DEMO_BUNDLE, verify=False)  # the files are verified by the session
-    n_ctx = context_length(manifest, n_ctx)
-    check_image_tokens(manifest, image_tokens)
-    session = ChatSession.open(bundle, device=device, threads=threads, n_ctx=n_ctx, cache_dir=cache_dir,
-                               kv_cache_dir=kv_cache_dir, image_tokens=image_tokens)
+    model = Model.open(bundle, device=device, threads=threads, image_cache_dir=cache_dir)
+    config = EngineConfig(parallel=1, n_ctx=n_ctx, image_tokens=image_tokens,
+                          kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
+    session = ChatSession(model, config, owns_model=True)
     if prompt is not None:
         answer_once(session, image, prompt, sampling, as_json)
-        demo_note(manifest)
+        demo_note(model)
     else:
-        repl(session, image, sampling, note=demo_note(manifest, print_it=False), as_json=as_json)
+        repl(session, image, sampling, note=demo_note(model, print_it=False), as_json=as_json)
 
 
 @app.command()
@@ -164,13 +160,11 @@ def caption(
 ):
     """Caption (or ask one question about) every image of a folder: a JSONL line per image, resumable."""
     from .caption.pipeline import format_summary, run_caption
-    from .chat import check_image_tokens, demo_note
-    from .runtime.bundle import DEMO_BUNDLE, open_bundle
+    from .chat import DEMO_NOTE
 
     _check_threads(threads)
     if workers is not None and ray is None:
         raise UserError("--workers needs --ray (a local run has one engine; --parallel sets its sequences)")
-    check_image_tokens(open_bundle(bundle or DEMO_BUNDLE, verify=False), image_tokens)
     cfg = CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel, max_tokens,
                         temperature, seed, recursive, threads, device, vision_batch, image_tokens)
     if ray is not None:
@@ -181,7 +175,8 @@ def caption(
     else:
         summary = run_caption(cfg)
     print(format_summary(summary, out), file=sys.stderr)
-    demo_note(open_bundle(bundle or DEMO_BUNDLE, verify=False))
+    if summary.demo:
+        print(DEMO_NOTE, file=sys.stderr)
     if summary.interrupted or summary.failed:
         raise typer.Exit(130 if summary.interrupted else 1)
 
@@ -324,7 +319,7 @@ def serve(
     image_tokens: Optional[int] = typer.Option(
         default(EngineConfig, "image_tokens"),
         help=IMAGE_TOKENS_HELP + "; a request's image_tokens (OpenAI) or options.image_tokens (Ollama) wins"),
-    device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
+    device: str = typer.Option(DEFAULT_DEVICE, help="vision on auto|cpu|cuda|tensorrt"),
     kv_cache_dir: Optional[Path] = typer.Option(
         None, help="keep the KV of each image prompt here: a restarted server skips the prefill of images it saw"),
     temperature: float = typer.Option(default(ServerConfig, "temperature"),
@@ -334,23 +329,23 @@ def serve(
     quiet: bool = typer.Option(not default(ServerConfig, "request_log"), "--quiet", help="no line per request on stderr"),
 ):
     """OpenAI- and Ollama-compatible HTTP server (chat with images, several requests at once)."""
-    from .chat import check_image_tokens, context_length, demo_note
-    from .runtime.bundle import DEMO_BUNDLE, open_bundle
+    from .chat import demo_note
+    from .runtime import Model
     from .server.serve import serve as run_server
 
-    _check_threads(threads)
-    manifest = open_bundle(bundle or DEMO_BUNDLE, verify=False)  # the files are verified when the engine loads
-    n_ctx = context_length(manifest, n_ctx)
-    check_image_tokens(manifest, image_tokens)
     name = model_name or ("llava-edge-demo" if bundle is None else bundle.resolve().name)
-    engine_config = EngineConfig(parallel=parallel, n_ctx=n_ctx, threads=threads, queue=queue, device=device,
-                                 kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None, image_tokens=image_tokens)
+    engine_config = EngineConfig(parallel=parallel, n_ctx=n_ctx, queue=queue, image_tokens=image_tokens,
+                                 kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
     server_config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key,
                                  media_dir=str(media_dir) if media_dir else None,
                                  allow_remote_images=allow_remote_images, max_images=max_images,
                                  temperature=temperature, top_p=top_p, seed=seed, request_log=not quiet)
-    demo_note(manifest)
-    run_server(bundle, engine_config, server_config)
+    model = Model.open(bundle, device=device, threads=threads)
+    try:
+        demo_note(model)
+        run_server(model, engine_config, server_config)
+    finally:
+        model.close()
 
 
 def main() -> None:

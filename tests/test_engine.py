@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from llava_edge.errors import UserError
-from llava_edge.runtime.engine import Engine, EngineBusy, EngineConfig
-from llava_edge.runtime.generation import Message
+from llava_edge.runtime import Engine, EngineBusy, EngineConfig, Message
 from llava_edge.runtime.sampling import SamplingConfig
 from llava_edge.runtime.session import ChatSession
 from llava_edge.runtime.vision import EmbeddingCache
@@ -24,7 +23,7 @@ GREEDY = SamplingConfig(max_tokens=24)
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = Engine.open(config=EngineConfig(parallel=4, threads=1))
+    eng = Engine.open(config=EngineConfig(parallel=4), threads=1)
     eng.start()
     yield eng
     eng.close()
@@ -79,7 +78,7 @@ def test_a_conversation_resent_in_full_reuses_its_prefix(engine):
                               Message("user", QUESTIONS[1])], GREEDY)
     "".join(second)
     t = second.answer.timings
-    assert t.n_cached >= engine.n_image_tokens + 10
+    assert t.n_cached >= engine.model.n_image_tokens + 10
     assert t.n_cached + t.n_prefilled == t.n_prompt_tokens
     assert t.n_prefilled < 40
 
@@ -97,7 +96,7 @@ def test_cancel_frees_the_slot(engine):
 
 
 def test_queue_overflow_is_refused_not_crashed():
-    eng = Engine.open(config=EngineConfig(parallel=1, queue=1, threads=1))  # not started: nothing is admitted
+    eng = Engine.open(config=EngineConfig(parallel=1, queue=1), threads=1)  # not started: nothing is admitted
     long = SamplingConfig(max_tokens=8)
     for _ in range(3):  # a request that fails in its encode gives its reserved place back
         with pytest.raises(UserError):
@@ -115,7 +114,7 @@ def test_queue_overflow_is_refused_not_crashed():
 
 
 def test_a_prefill_while_the_user_types_changes_nothing_but_the_wait(serial_answers):
-    eng = Engine.open(config=EngineConfig(parallel=1, threads=1))
+    eng = Engine.open(config=EngineConfig(parallel=1), threads=1)
     image, q = IMAGES[2], QUESTIONS[0]
     prefill = eng.prefill([Message("user", "", [image.read_bytes()])])
     assert prefill.wait(0) is None  # not started: nothing steps the engine yet
@@ -123,7 +122,7 @@ def test_a_prefill_while_the_user_types_changes_nothing_but_the_wait(serial_answ
     assert prefill.wait(60).finish_reason == "prefilled" and prefill.answer.text == ""
     eng.stop()
     n_prefix = len(eng.slots[0].held)
-    assert n_prefix == prefill.answer.timings.n_prompt_tokens > eng.n_image_tokens  # the prefix ends at the image
+    assert n_prefix == prefill.answer.timings.n_prompt_tokens > eng.model.n_image_tokens  # the prefix ends at the image
     question = ask(eng, image, q)  # stepped by this thread: the engine's thread is stopped
     assert "".join(question) == serial_answers[image.name, q]
     t = question.answer.timings
@@ -132,7 +131,7 @@ def test_a_prefill_while_the_user_types_changes_nothing_but_the_wait(serial_answ
 
 
 def test_an_image_a_free_slot_holds_is_not_encoded_again(serial_answers):
-    eng = Engine.open(config=EngineConfig(parallel=2, threads=1))
+    eng = Engine.open(config=EngineConfig(parallel=2), threads=1)
     image, q = IMAGES[1], QUESTIONS[1]
     assert "".join(ask(eng, image, q)) == serial_answers[image.name, q]
     eng.vision.cache = EmbeddingCache()  # it forgets the image; the slot's KV still holds it
@@ -141,14 +140,14 @@ def test_an_image_a_free_slot_holds_is_not_encoded_again(serial_answers):
     eng.vision.encode = lambda *a, **kw: encodes.append(a) or encode(*a, **kw)
     again = ask(eng, image, q)
     assert "".join(again) == serial_answers[image.name, q] and encodes == []
-    assert again.answer.timings.n_cached >= eng.n_image_tokens
+    assert again.answer.timings.n_cached >= eng.model.n_image_tokens
     eng.forget()  # now no KV holds it: encoded
     assert "".join(ask(eng, image, q)) == serial_answers[image.name, q] and len(encodes) == 1
     eng.close()
 
 
 def test_a_question_asked_during_the_prefill_waits_for_it_and_reuses_it(serial_answers):
-    eng = Engine.open(config=EngineConfig(parallel=1, threads=1, n_batch=16))  # small steps: the prefill takes several
+    eng = Engine.open(config=EngineConfig(parallel=1, n_batch=16), threads=1)  # small steps: the prefill takes several
     image, q = IMAGES[0], QUESTIONS[2]
     prefill = eng.prefill([Message("user", "", [image.read_bytes()])])
     eng.step()  # one step of it
@@ -176,28 +175,28 @@ def test_bad_requests_are_user_errors(engine, messages, match):
 
 
 def test_image_prefix_kv_restored_from_disk_in_a_new_engine(tmp_path, serial_answers):
-    config = EngineConfig(parallel=2, threads=1, kv_cache_dir=str(tmp_path / "kv"))
+    config = EngineConfig(parallel=2, kv_cache_dir=str(tmp_path / "kv"))
     image, q = IMAGES[1], QUESTIONS[0]
-    cold = Engine.open(config=config)
+    cold = Engine.open(config=config, threads=1)
     first = ask(cold, image, q)
     assert "".join(first) == serial_answers[image.name, q] and not first.answer.timings.kv_restored
     cold.close()
     assert len(list((tmp_path / "kv").glob("*.kv"))) == 1
 
-    warm = Engine.open(config=config)
+    warm = Engine.open(config=config, threads=1)
     encodes = []
     encode = warm.vision.encode
     warm.vision.encode = lambda *a, **kw: encodes.append(a) or encode(*a, **kw)
     again = ask(warm, image, q)
     assert "".join(again) == serial_answers[image.name, q]
     t = again.answer.timings
-    assert t.kv_restored and t.n_cached >= warm.n_image_tokens and t.n_prefilled < 40
+    assert t.kv_restored and t.n_cached >= warm.model.n_image_tokens and t.n_prefilled < 40
     assert encodes == [] and t.vision_ms == 0  # a KV hit skips the image encode too
     warm.close()
 
     for entry in (tmp_path / "kv").glob("*.kv"):  # a damaged entry is not trusted: prefilled again
         entry.write_bytes(entry.read_bytes()[:-10])
-    damaged = Engine.open(config=config)
+    damaged = Engine.open(config=config, threads=1)
     third = ask(damaged, image, q)  # deferred encode, then the entry fails: encoded in the step after all
     assert "".join(third) == serial_answers[image.name, q] and not third.answer.timings.kv_restored
     assert third.answer.timings.n_cached == 0

@@ -46,6 +46,21 @@ def layout_rules(text: str) -> tuple[dict[str, set[str] | None], set[str], set[s
 MAY_IMPORT, TORCH_FREE_LAYERS, COMMAND_MODULES = layout_rules(DESIGN.read_text())
 
 
+def runtime_order(text: str) -> list[str]:
+    """The runtime's modules in the order the "## Runtime" section lists them after "in import order"."""
+    section = re.search(r"^## Runtime\n(.*?)(?=^## )", text, re.S | re.M)
+    assert section and "in import order" in section.group(1), "docs/design.md's Runtime section lists no import order"
+    listing = section.group(1).split("in import order", 1)[1]
+    names: list[str] = []
+    for line in listing.splitlines():
+        if line.startswith(("- ", "  ")):
+            names += [n for n in re.findall(r"`(\w+)\.py`", line) if n not in names]
+    return names
+
+
+RUNTIME_ORDER = runtime_order(DESIGN.read_text())
+
+
 def module_name(path: Path, root: Path = PACKAGE) -> str:
     parts = path.relative_to(root.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -189,6 +204,34 @@ def test_runtime_reaches_only_leaves_and_runtime():
             seen.add(m)
             todo.extend(t for t in graph[m] if not t.startswith("ext:"))
     assert {layer_of(m) for m in seen} <= {"runtime", "leaf"}
+
+
+def misordered_runtime_imports(graph: dict[str, set[str]], order: list[str]) -> list[str]:
+    """Runtime modules that import a runtime module listed at or after their own place (or not listed)."""
+    prefix = f"{PACKAGE.name}.runtime."
+    rank = {name: i for i, name in enumerate(order)}
+    problems = []
+    for module, targets in sorted(graph.items()):
+        if not module.startswith(prefix):
+            continue
+        name = module[len(prefix):]
+        if name not in rank:
+            problems.append(f"{name}.py is not in docs/design.md's runtime import order")
+            continue
+        problems += [f"{name} imports {t[len(prefix):]}, listed after it" for t in sorted(targets)
+                     if t.startswith(prefix) and rank.get(t[len(prefix):], len(order)) >= rank[name]]
+    return problems
+
+
+def test_runtime_modules_import_only_those_listed_before_them():
+    assert misordered_runtime_imports(package_graph(), RUNTIME_ORDER) == []
+
+
+def test_a_runtime_import_against_the_order_is_found():
+    graph = {"llava_edge.runtime.prompt": {"llava_edge.runtime.scheduler"}, "llava_edge.runtime.scheduler": set()}
+    assert misordered_runtime_imports(graph, ["prompt", "scheduler"]) == ["prompt imports scheduler, listed after it"]
+    assert misordered_runtime_imports(graph, ["scheduler", "prompt"]) == []
+    assert misordered_runtime_imports(graph, ["prompt"]) == ["scheduler.py is not in docs/design.md's runtime import order"]
 
 
 # ----------------------------------------------------------------------------- the checks themselves

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_edge.runtime.scheduler import (Budget, Job, QueueFull, Scheduler, StepCost, common_prefix,
+from llava_edge.runtime.scheduler import (Budget, Job, EngineBusy, Scheduler, StepCost, common_prefix,
                                           prefill_budget)
 
 
@@ -42,10 +42,10 @@ def run_to_decoding(s: Scheduler, budget: int = 512) -> None:
         for e in plan.tokens:
             if e.wants_logits:
                 s.feed(e.slot, 7)
-        if plan.image is not None:
-            s.commit_image(plan)
-            if plan.image.wants_logits:
-                s.feed(plan.image.slot, 7)
+        if plan.embeddings is not None:
+            s.commit_embeddings(plan)
+            if plan.embeddings.wants_logits:
+                s.feed(plan.embeddings.slot, 7)
     raise AssertionError("did not settle")
 
 
@@ -81,8 +81,8 @@ def test_never_resumes_inside_an_image():
     (a,), _ = s.admit()
     assert a.keep == 3 and s.slots[0].held == PROMPT[:3]
     plan = s.plan(512)
-    assert plan.tokens == [] and (plan.image.begin, plan.image.end) == (3, 11)
-    assert plan.image.pos == 3
+    assert plan.tokens == [] and (plan.embeddings.begin, plan.embeddings.end) == (3, 11)
+    assert plan.embeddings.pos == 3
 
 
 def test_an_image_of_another_budget_is_another_image():
@@ -102,10 +102,10 @@ def test_decoding_tokens_come_first_and_prefill_is_first_come_first_served():
     plan = s.plan(6)
     # a's next token, then b's text (b came first), then b's image chunk within the budget; c waits
     assert [(e.slot.job, e.token) for e in plan.tokens] == [(a, 7), (b, 1)]
-    assert plan.image.slot.job is b and (plan.image.begin, plan.image.end) == (1, 6)
+    assert plan.embeddings.slot.job is b and (plan.embeddings.begin, plan.embeddings.end) == (1, 6)
     assert all(e.slot.job is not c for e in plan.tokens)
     s.commit_tokens(plan)
-    s.commit_image(plan)
+    s.commit_embeddings(plan)
     assert b.cursor == 6 and a.pending is None
 
 
@@ -132,9 +132,9 @@ def test_an_image_chunk_never_exceeds_n_batch():
         if plan.empty:
             break
         s.commit_tokens(plan)
-        if plan.image:
-            sizes.append(plan.image.end - plan.image.begin)
-            s.commit_image(plan)
+        if plan.embeddings:
+            sizes.append(plan.embeddings.end - plan.embeddings.begin)
+            s.commit_embeddings(plan)
         if any(e.wants_logits for e in plan.tokens):
             break
     assert sum(sizes) == 10 and sizes[0] == 3 and max(sizes) == 4  # the first shares its step with a text token
@@ -179,11 +179,11 @@ def test_a_plan_without_image_budget_leaves_the_image_for_later():
     b = submit(s, job([1, 5] + image("b", 20) + [6]))
     s.admit()
     plan = s.plan(Budget(tokens=8, image=0))
-    assert [e.token for e in plan.tokens] == [7, 1, 5] and plan.image is None
+    assert [e.token for e in plan.tokens] == [7, 1, 5] and plan.embeddings is None
     s.commit_tokens(plan)
     assert b.cursor == 2
     plan = s.plan(Budget(tokens=8, image=8))
-    assert (plan.image.begin, plan.image.end) == (2, 10)
+    assert (plan.embeddings.begin, plan.embeddings.end) == (2, 10)
 
 
 def test_prefill_only_job_evaluates_everything_and_wants_no_logits():
@@ -215,14 +215,14 @@ def test_a_question_after_a_prefill_reuses_all_of_it():
     (a,), _ = s.admit()
     assert a.job is q and a.keep == len(prefix)
     plan = s.plan(512)
-    assert [e.token for e in plan.tokens] == [30, 31, 32] and plan.image is None
+    assert [e.token for e in plan.tokens] == [30, 31, 32] and plan.embeddings is None
 
 
 def test_queue_limit_counts_reserved_places_and_free_slots():
     s = Scheduler(n_slots=2, queue_limit=1, n_batch=64)
     for _ in range(3):  # two free slots and one queue place
         s.reserve()
-    with pytest.raises(QueueFull):
+    with pytest.raises(EngineBusy):
         s.reserve()
     s.unreserve()  # an encode failed: its place is given back
     s.reserve()
@@ -262,7 +262,7 @@ def test_with_embedded_text_the_text_around_an_image_shares_its_decode():
     first = plain.plan(512)
     assert [e.token for e in first.tokens] == [1, 10, 11] and (first.image.begin, first.image.end) == (3, 11)
     plan = embedded.plan(512)  # one decode of 14 rows instead of three decodes
-    assert plan.tokens == [] and (plan.image.begin, plan.image.end, plan.image.wants_logits) == (0, 14, True)
+    assert plan.tokens == [] and (plan.embeddings.begin, plan.embeddings.end, plan.embeddings.wants_logits) == (0, 14, True)
 
 
 def test_an_embeddings_chunk_stops_at_the_cut_and_at_n_batch():
@@ -272,9 +272,9 @@ def test_an_embeddings_chunk_stops_at_the_cut_and_at_n_batch():
     spans = []
     for _ in range(4):
         plan = s.plan(512)
-        if plan.image is not None:
-            spans.append((plan.image.begin, plan.image.end))
-            s.commit_image(plan)
+        if plan.embeddings is not None:
+            spans.append((plan.embeddings.begin, plan.embeddings.end))
+            s.commit_embeddings(plan)
         else:
             spans.append([e.token for e in plan.tokens])
             s.commit_tokens(plan)
@@ -291,9 +291,9 @@ def test_text_leading_to_an_image_waits_for_the_image_s_decode():
     submit(s, job(PROMPT))
     s.admit()
     plan = s.plan(Budget(2, 0))  # no image decode fits this step: its text waits too, for the image's decode
-    assert [e.token for e in plan.tokens] == [7] and plan.image is None
+    assert [e.token for e in plan.tokens] == [7] and plan.embeddings is None
     plan = s.plan(Budget(2, 16))
-    assert [e.token for e in plan.tokens] == [7] and (plan.image.begin, plan.image.end) == (0, 14)
+    assert [e.token for e in plan.tokens] == [7] and (plan.embeddings.begin, plan.embeddings.end) == (0, 14)
 
 
 def test_a_later_request_s_text_does_not_delay_the_first_one_s_answer():
@@ -303,5 +303,5 @@ def test_a_later_request_s_text_does_not_delay_the_first_one_s_answer():
     chat = submit(s, job([1, 30, 31]))  # no image: its text goes in the token decode as always
     s.admit()
     plan = s.plan(512)
-    assert plan.image.slot.job is first and (plan.image.begin, plan.image.end) == (0, 14)
+    assert plan.embeddings.slot.job is first and (plan.embeddings.begin, plan.embeddings.end) == (0, 14)
     assert [e.token for e in plan.tokens] == [1, 30, 31] and all(e.slot.job is chat for e in plan.tokens)

@@ -1,5 +1,5 @@
-"""Fewer image tokens through the runtime (VisionEncoder.encode(source, image_tokens=K)) and the bundle that
-offers them: against the PyTorch reference (`Llava.encode_images(pixels, K)`), cache keys by K, refusals,
+"""Fewer image tokens through the runtime (`model.vision.encode(source, model.image_budget(K))`) and the bundle
+that offers them: against the PyTorch reference (`Llava.encode_images(pixels, K)`), cache keys by K, refusals,
 and bundles exported before token reduction."""
 
 import json
@@ -14,8 +14,9 @@ from llava_edge.errors import UserError
 from llava_edge.export import pipeline
 from llava_edge.image import load_image, preprocess
 from llava_edge.reference.checkpoint import load_checkpoint
+from llava_edge.runtime import Model
 from llava_edge.runtime.bundle import open_bundle, sha256_of
-from llava_edge.runtime.vision import EmbeddingCache, VisionEncoder
+from llava_edge.runtime.vision import VisionEncoder
 from test_runtime import DATA, EXAMPLES
 from tiny_checkpoints import make_liuhaotian_checkpoint
 
@@ -47,11 +48,12 @@ def test_the_manifest_offers_fewer_tokens_with_their_parity(tiny):
 @pytest.mark.parametrize("k", [1, 5, 8, 15])
 def test_encode_at_k_is_the_references(tiny, k):
     ckpt, bundle_dir, _ = tiny
-    enc = VisionEncoder(open_bundle(bundle_dir), threads=THREADS)
-    assert enc.supports_reduction and enc.n_image_tokens == 16
-    image = enc.encode(DATA / "astronaut_wide.png", image_tokens=k)
-    assert image.embeds.shape == (k, enc.n_embd) and image.n_tokens == k and image.image_tokens == k
-    assert image.embeds.flags["C_CONTIGUOUS"] and image.embeds_id == f"{image.sha256}-k{k}"
+    model = Model.open(bundle_dir, threads=THREADS)
+    assert model.bundle.vision.reducible and model.n_image_tokens == 16
+    enc = model.vision
+    image = enc.encode(DATA / "astronaut_wide.png", model.image_budget(k))
+    assert image.embeds.shape == (k, enc.n_embd) and image.n_tokens == k and image.budget_tag == f"-k{k}"
+    assert image.embeds.flags["C_CONTIGUOUS"] and image.image_id == f"{image.sha256}-k{k}"
     loaded = load_checkpoint(ckpt, dtype=torch.float32)
     cfg = loaded.config
     pixels = preprocess(load_image(DATA / "astronaut_wide.png"), cfg.vision.image_size, cfg.image_mean, cfg.image_std,
@@ -63,8 +65,8 @@ def test_encode_at_k_is_the_references(tiny, k):
 
 def test_the_cache_tells_budgets_apart(tiny, tmp_path):
     _, bundle_dir, _ = tiny
-    bundle = open_bundle(bundle_dir)
-    enc = VisionEncoder(bundle, threads=THREADS, cache=EmbeddingCache(disk_dir=tmp_path))
+    model = Model.open(bundle_dir, threads=THREADS, image_cache_dir=tmp_path)
+    enc, k = model.vision, model.image_budget
     runs = []
 
     class Recording:  # the ONNX session, recording what each run is fed
@@ -76,27 +78,29 @@ def test_the_cache_tells_budgets_apart(tiny, tmp_path):
             return self.session.run(outputs, feeds)
 
     enc.session = Recording(enc.session)
-    every, eight, four = enc.encode(IMAGE), enc.encode(IMAGE, 8), enc.encode(IMAGE, image_tokens=4)
-    again_eight, again_every = enc.encode(IMAGE, 8), enc.encode(IMAGE)
+    every, eight, four = enc.encode(IMAGE), enc.encode(IMAGE, k(8)), enc.encode(IMAGE, k(4))
+    again_eight, again_every, all_sixteen = enc.encode(IMAGE, k(8)), enc.encode(IMAGE), enc.encode(IMAGE, k(16))
     # three encodes; the default one is fed pixels only, as before token reduction
     assert runs == [{}, {"image_tokens": 8}, {"image_tokens": 4}]
     assert not (every.cached or eight.cached or four.cached) and again_eight.cached and again_every.cached
+    assert all_sixteen.cached  # K = the image's token count is every token: the same entry
     assert [e.n_tokens for e in (every, eight, four, again_eight, again_every)] == [16, 8, 4, 8, 16]
-    assert np.array_equal(again_eight.embeds, eight.embeds) and every.embeds_id == every.sha256
+    assert np.array_equal(again_eight.embeds, eight.embeds) and every.image_id == every.sha256
     assert len(list(tmp_path.glob("*.npy"))) == 3
-    fresh = VisionEncoder(bundle, threads=THREADS, cache=EmbeddingCache(disk_dir=tmp_path))
+    fresh = Model.open(bundle_dir, threads=THREADS, image_cache_dir=tmp_path).vision
     fresh.encode_pixels = None  # a disk hit must not run the graph
-    assert np.array_equal(fresh.encode(IMAGE.read_bytes(), 4).embeds, four.embeds)
+    assert np.array_equal(fresh.encode(IMAGE.read_bytes(), k(4)).embeds, four.embeds)
 
 
-@pytest.mark.parametrize("k", [0, -2, 16, 17, 2.5, True, "8"])
-def test_a_budget_that_is_not_below_the_tokens_is_one_line(tiny, k):
+@pytest.mark.parametrize("k", [0, -2, 17, 2.5, True, "8"])
+def test_a_budget_outside_the_tokens_is_one_line(tiny, k):
     _, bundle_dir, _ = tiny
-    enc = VisionEncoder(open_bundle(bundle_dir), threads=THREADS)
-    with pytest.raises(UserError, match="from 1 to 15") as e:
-        enc.encode(IMAGE, image_tokens=k)
+    model = Model.open(bundle_dir, threads=THREADS)
+    with pytest.raises(UserError, match="from 1 to 16") as e:
+        model.image_budget(k)
     assert "\n" not in str(e.value)
-    assert enc.check_image_tokens(None) is None and enc.check_image_tokens(np.int64(3)) == 3
+    assert model.image_budget(None).graph_tokens is None and model.image_budget(np.int64(3)).graph_tokens == 3
+    assert model.image_budget(16) == model.image_budget(None)  # every token, however it is asked for
 
 
 def old_style_bundle(bundle_dir, out):
@@ -123,12 +127,13 @@ def old_style_bundle(bundle_dir, out):
 def test_a_bundle_from_before_token_reduction_serves_every_token(tiny, tmp_path):
     _, bundle_dir, _ = tiny
     old, _ = old_style_bundle(bundle_dir, tmp_path / "old")
-    enc = VisionEncoder(open_bundle(old), threads=THREADS)
-    assert not enc.supports_reduction
-    new = VisionEncoder(open_bundle(bundle_dir), threads=THREADS)
-    assert np.array_equal(enc.encode(IMAGE).embeds, new.encode(IMAGE).embeds)
+    model = Model.open(old, threads=THREADS)
+    assert not model.bundle.vision.reducible
+    new = Model.open(bundle_dir, threads=THREADS)
+    assert np.array_equal(model.vision.encode(IMAGE).embeds, new.vision.encode(IMAGE).embeds)
+    assert model.image_budget(16).graph_tokens is None  # every token: what the old graph gives
     with pytest.raises(UserError, match="predates token reduction.*re-export"):
-        enc.encode(IMAGE, image_tokens=8)
+        model.image_budget(8)
 
 
 def test_a_manifest_naming_an_input_the_graph_lacks_is_refused(tiny, tmp_path):
@@ -156,5 +161,5 @@ def test_refresh_brings_an_old_bundle_up_to_date_and_leaves_the_decoder(tiny, tm
     assert sha256_of(decoder) == decoder_sha and manifest["files"]["decoder"] == exported["files"]["decoder"]
     assert manifest["vision"] == exported["vision"]
     assert manifest["parity"]["vision"]["image_tokens"]["8"]["patches_equal"] == 1.0
-    enc = VisionEncoder(open_bundle(old), threads=THREADS)  # checksums verify
-    assert enc.supports_reduction and enc.encode(IMAGE, 4).n_tokens == 4
+    model = Model.open(old, threads=THREADS)  # checksums verify
+    assert model.bundle.vision.reducible and model.vision.encode(IMAGE, model.image_budget(4)).n_tokens == 4

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -29,67 +28,29 @@ from pathlib import Path
 import numpy as np
 
 N_EMBD, N_FF, N_HEAD, N_VOCAB = 4096, 11008, 32, 32000
-_F32, _F16 = 0, 1
 MARK = "@knobs "
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
 
 
-def width7b_tensors(n_layer: int) -> list[tuple[str, tuple[int, ...], int]]:
-    """(name, shape with rows first, ggml type) in llama.cpp's llama layout."""
-    t = [("token_embd.weight", (N_VOCAB, N_EMBD), _F16)]
-    for i in range(n_layer):
-        b = f"blk.{i}."
-        t += [(b + "attn_norm.weight", (N_EMBD,), _F32), (b + "attn_q.weight", (N_EMBD, N_EMBD), _F16),
-              (b + "attn_k.weight", (N_EMBD, N_EMBD), _F16), (b + "attn_v.weight", (N_EMBD, N_EMBD), _F16),
-              (b + "attn_output.weight", (N_EMBD, N_EMBD), _F16), (b + "ffn_norm.weight", (N_EMBD,), _F32),
-              (b + "ffn_gate.weight", (N_FF, N_EMBD), _F16), (b + "ffn_up.weight", (N_FF, N_EMBD), _F16),
-              (b + "ffn_down.weight", (N_EMBD, N_FF), _F16)]
-    return t + [("output_norm.weight", (N_EMBD,), _F32), ("output.weight", (N_VOCAB, N_EMBD), _F16)]
-
-
 def write_width7b_gguf(path: Path, n_layer: int) -> Path:
     """An F16 llama GGUF of Vicuna-7B's width with n_layer blocks, streamed to disk (one tensor in memory)."""
-    from ..runtime import probe_model as pm
+    from ..runtime import gguf_file as gg
+    from ..runtime.probe_model import llama_metadata, llama_tensors
 
-    tokens = pm.SPECIALS + [f"<0x{b:02X}>" for b in range(256)]
-    tokens += [f"t{i}" for i in range(N_VOCAB - len(tokens))]
-    types = [2, 3, 3] + [6] * 256 + [1] * (N_VOCAB - 259)
-    u32, f32, s, arr, i32 = pm._UINT32, pm._FLOAT32, pm._STRING, pm._ARRAY, pm._INT32
-    kvs = [pm._kv("general.architecture", s, "llama"), pm._kv("general.file_type", u32, 1),
-           pm._kv("llama.context_length", u32, 4096), pm._kv("llama.embedding_length", u32, N_EMBD),
-           pm._kv("llama.block_count", u32, n_layer), pm._kv("llama.feed_forward_length", u32, N_FF),
-           pm._kv("llama.attention.head_count", u32, N_HEAD), pm._kv("llama.attention.head_count_kv", u32, N_HEAD),
-           pm._kv("llama.attention.layer_norm_rms_epsilon", f32, 1e-5),
-           pm._kv("llama.rope.dimension_count", u32, N_EMBD // N_HEAD), pm._kv("tokenizer.ggml.model", s, "llama"),
-           pm._kv("tokenizer.ggml.tokens", arr, (s, tokens)), pm._kv("tokenizer.ggml.scores", arr, (f32, [0.0] * N_VOCAB)),
-           pm._kv("tokenizer.ggml.token_type", arr, (i32, types)), pm._kv("tokenizer.ggml.bos_token_id", u32, 1),
-           pm._kv("tokenizer.ggml.eos_token_id", u32, 2), pm._kv("tokenizer.ggml.unknown_token_id", u32, 0)]
-    tensors = width7b_tensors(n_layer)
-    infos, offset = [], 0
-    for name, shape, kind in tensors:
-        nbytes = int(np.prod(shape)) * (2 if kind == _F16 else 4)
-        infos.append(pm._string(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in shape[::-1])
-                     + struct.pack("<IQ", kind, offset))
-        offset += -(-nbytes // pm.ALIGNMENT) * pm.ALIGNMENT
-    head = struct.pack("<IIQQ", pm.GGUF_MAGIC, pm.GGUF_VERSION, len(tensors), len(kvs)) + b"".join(kvs) + b"".join(infos)
     # One pool of N(0, 0.02) values, each tensor a differently offset window of it (values do not change the speed).
     pool = (np.random.default_rng(0).standard_normal(N_FF * N_EMBD + 4099, dtype=np.float32) * 0.02).astype(np.float16)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(head + b"\0" * (-len(head) % pm.ALIGNMENT))
-        for k, (name, shape, kind) in enumerate(tensors):
-            n = int(np.prod(shape))
-            if kind == _F32:
-                data = np.ones(n, np.float32)
-            elif n <= N_FF * N_EMBD:
-                start = (k * 997) % 4099
-                data = pool[start:start + n]
-            else:
-                data = np.resize(pool, n)
-            f.write(data.tobytes())
-            f.write(b"\0" * (-data.nbytes % pm.ALIGNMENT))
-    tmp.replace(path)
-    return path
+
+    def values(k: int, spec) -> np.ndarray:
+        n = int(np.prod(spec.shape))
+        if spec.ggml_type == gg.F32:
+            return np.ones(n, np.float32)
+        if n <= N_FF * N_EMBD:
+            start = (k * 997) % 4099
+            return pool[start:start + n]
+        return np.resize(pool, n)
+
+    return gg.write_gguf(path, llama_metadata(N_VOCAB, N_EMBD, N_FF, N_HEAD, n_layer, 4096, file_type=1),
+                         llama_tensors(N_VOCAB, N_EMBD, N_FF, n_layer, gg.F16), values)
 
 
 def models(work: Path, n_layer: int, quants=QUANTS) -> dict[str, Path]:

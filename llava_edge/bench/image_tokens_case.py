@@ -19,11 +19,9 @@ import statistics
 import time
 from pathlib import Path
 
-from ..paths import DEMO_BUNDLE, DEMO_CHECKPOINT
-from ..runtime.engine import Engine, EngineConfig
-from ..runtime.generation import Message
+from ..paths import DEMO_CHECKPOINT
+from ..runtime import Engine, EngineConfig, Message, Model
 from ..runtime.sampling import SamplingConfig
-from ..runtime.vision import EncodedImage
 from ..scoring import load_test_records, question_of, score_predictions
 
 BUDGETS = (48, 32, 16)
@@ -53,18 +51,16 @@ def bundle_answers(engine: Engine, test: Path, budget: int | None, limit: int | 
     by_image: dict[Path, list[int]] = {}
     for i, record in enumerate(records):
         by_image.setdefault(test.parent / record["image"], []).append(i)
-    # Until the engine takes any K itself: it checks the image's rows against this, and keys the image's
-    # positions by the EncodedImage's sha256, which embeds_id tells apart by K.
-    engine.n_image_tokens = budget or engine.vision.n_image_tokens
+    image_budget = engine.budget(budget)  # checked once for the whole split
     sampling = SamplingConfig(max_tokens=24, temperature=0.0)
     answers, vision_ms, first_prefill_ms, first_positions = [""] * len(records), [], [], []
     t0 = time.perf_counter()
     for path, indices in by_image.items():
-        image = engine.vision.encode(path, budget)
+        image = engine.vision.encode(path, image_budget)
         vision_ms.append(image.vision_ms)
-        keyed = EncodedImage(image.embeds, image.embeds_id, image.vision_ms, image.cached, budget)
         for n, i in enumerate(indices):
-            answer = engine.generate([Message("user", question_of(records[i]), [keyed])], sampling).wait()
+            answer = engine.generate([Message("user", question_of(records[i]), [image])], sampling,
+                                     image_budget).wait()
             answers[i] = answer.text
             if n == 0:
                 first_prefill_ms.append(answer.timings.prefill_ms)
@@ -86,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     test = heldout_split(work)
     records = load_test_records(test, args.limit)
     budgets = [None, *args.budgets]
-    engine = Engine.open(DEMO_BUNDLE, EngineConfig(threads=args.threads))
+    engine = Engine(Model.open(threads=args.threads), EngineConfig(), owns_model=True)
     engine.start()  # the engine steps on its own thread: Generation.wait() then returns the answer
     rows = {}
     try:
@@ -98,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[image tokens {name}] reference {ref_seconds:.0f} s, bundle {edge['seconds']:.0f} s", flush=True)
     finally:
         engine.close()
-    n_all = engine.vision.n_image_tokens
+    n_all = engine.model.n_image_tokens
     for name, row in rows.items():
         for path in ("reference", "bundle"):
             r = row[path]

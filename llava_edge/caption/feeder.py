@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..image import read_image_source
+from ..runtime.image_budget import ImageBudget
 from ..runtime.vision import EncodedImage, VisionEncoder
 
 
@@ -38,10 +39,11 @@ END = None  # the last thing put on the queue
 
 class Feeder(threading.Thread):
     def __init__(self, vision: VisionEncoder, paths: list[str], batch: int, depth: int,
-                 image_tokens: int | None = None):
+                 budget: ImageBudget | None = None):
         super().__init__(name="llava-edge-caption-vision", daemon=True)
         self.vision, self.paths, self.batch = vision, paths, max(1, batch)
-        self.image_tokens = image_tokens
+        self.budget = budget  # None: every image token
+        self.tag = "" if budget is None else budget.tag
         self.items: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self.stop = threading.Event()
         self.encoded = 0  # vision graph runs, per image
@@ -102,14 +104,14 @@ class Feeder(threading.Thread):
         if not pending:
             return
         t0 = time.perf_counter()
-        embeds = self.vision.encode_pixels(np.stack([px for _, _, px, _ in pending]), self.image_tokens)
+        embeds = self.vision.encode_pixels(np.stack([px for _, _, px, _ in pending]), self.budget)
         share = 1000 * (time.perf_counter() - t0) / len(pending)
         self.encoded += len(pending)
         for (paths, sha, _, prep_ms), e in zip(pending, embeds):
             e = np.ascontiguousarray(e)
-            self._put(Item(paths[0], sha, EncodedImage(e, sha, prep_ms + share, False, self.image_tokens)))
+            self._put(Item(paths[0], sha, EncodedImage(e, sha, prep_ms + share, False, self.tag)))
             for p in paths[1:]:
-                self._put(Item(p, sha, EncodedImage(e, sha, 0.0, True, self.image_tokens)))
+                self._put(Item(p, sha, EncodedImage(e, sha, 0.0, True, self.tag)))
         pending.clear()
 
     def _put(self, item) -> None:

@@ -16,10 +16,8 @@ from pathlib import Path
 
 from ..conversation import render_messages
 from ..errors import UserError
-from ..runtime.bundle import DEMO_BUNDLE, default_n_ctx, open_bundle
-from ..runtime.engine import Engine, EngineConfig
-from ..runtime.generation import Generation, Message
-from ..runtime.sampling import SamplingConfig
+from ..runtime import Engine, EngineConfig, Message, Model, SamplingConfig
+from ..runtime.generation import Generation
 from .config import DEFAULT_PROMPT, VISION_BATCH, CaptionConfig  # noqa: F401  (callers import them from here)
 from .feeder import END, Feeder, Item
 from .inputs import find_images
@@ -37,6 +35,7 @@ class CaptionSummary:
     failed: int = 0  # answers the engine failed: no line written, so a rerun makes them
     seconds: float = 0.0
     interrupted: bool = False
+    demo: bool = False  # the demo model answered (the command says so once)
 
     @property
     def images_per_s(self) -> float:
@@ -52,12 +51,12 @@ def vision_batch_size(precision: str, wanted: int | None) -> int:
     return 1 if precision == "int8" else VISION_BATCH
 
 
-def context_per_sequence(bundle, prompt: str, max_tokens: int) -> int:
+def context_per_sequence(model: Model, prompt: str, max_tokens: int) -> int:
     """Positions one caption can need (the prompt's bytes bound its tokens), at most the engine's default: N
     sequences of the model's whole context would cost N times its KV cache for nothing."""
-    text = render_messages(bundle.template, [("user", prompt, 1)])
-    needed = bundle.vision.n_image_tokens + len(text.encode()) + 1 + max_tokens
-    return max(16, min(needed, default_n_ctx(bundle)))
+    text = render_messages(model.bundle.template, [("user", prompt, 1)])
+    needed = model.image_budget(None).n_tokens + len(text.encode()) + 1 + max_tokens
+    return min(needed, model.context_length())
 
 
 def run_caption(cfg: CaptionConfig, caption=None) -> CaptionSummary:
@@ -82,11 +81,15 @@ def run_caption(cfg: CaptionConfig, caption=None) -> CaptionSummary:
 
 def open_engine(cfg: CaptionConfig, queue: int) -> tuple[Engine, int]:
     """The engine of a caption run (contexts sized for its prompt) and its vision batch size."""
-    bundle = open_bundle(cfg.bundle or DEMO_BUNDLE, verify=False)  # verified by Engine.open
-    engine = Engine.open(cfg.bundle, EngineConfig(
-        parallel=cfg.parallel, n_ctx=context_per_sequence(bundle, cfg.prompt, cfg.max_tokens), threads=cfg.threads,
-        queue=queue, device=cfg.device, image_tokens=cfg.image_tokens))
-    return engine, vision_batch_size(bundle.vision.precision, cfg.vision_batch)
+    model = Model.open(cfg.bundle, device=cfg.device, threads=cfg.threads)
+    try:
+        engine = Engine(model, EngineConfig(
+            parallel=cfg.parallel, n_ctx=context_per_sequence(model, cfg.prompt, cfg.max_tokens), queue=queue,
+            image_tokens=cfg.image_tokens), owns_model=True)
+    except BaseException:
+        model.close()
+        raise
+    return engine, vision_batch_size(model.bundle.vision.precision, cfg.vision_batch)
 
 
 def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: list[str], results: ResultFile,
@@ -94,7 +97,8 @@ def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: li
     from tqdm import tqdm
 
     engine, batch = open_engine(cfg, queue=2 * cfg.parallel)
-    feeder = Feeder(engine.vision, todo, batch, depth=2 * cfg.parallel + batch, image_tokens=cfg.image_tokens)
+    summary.demo = engine.model.is_demo
+    feeder = Feeder(engine.vision, todo, batch, depth=2 * cfg.parallel + batch, budget=engine.default_budget)
     bar = tqdm(total=summary.found, initial=summary.already_done, unit="img", desc="caption", file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1, disable=not cfg.progress)
     bar.set_postfix(errors=0)

@@ -12,8 +12,7 @@ import json
 import socket
 
 from ..errors import UserError
-from ..runtime.generation import Message
-from ..runtime.sampling import SamplingConfig
+from ..runtime import Message, SamplingConfig
 from .feeder import END, Feeder
 from .pipeline import CaptionConfig, answer_record, open_engine
 
@@ -22,7 +21,7 @@ CALLS_AT_ONCE = 2  # batches one worker answers together: the next one's images 
 
 class CaptionWorker:
     def __init__(self, cfg: CaptionConfig, batch_rows: int):
-        self.prompt, self.image_tokens = cfg.prompt, cfg.image_tokens
+        self.prompt = cfg.prompt
         self.sampling = SamplingConfig(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
         self.engine, self.fatal = None, None
         try:
@@ -39,7 +38,7 @@ class CaptionWorker:
         rows = {f: {"line": "", "failed": "", "fatal": ""} for f in files}
         shown = dict(zip(files, given))  # the path as the user gave it, as local `caption` writes it
         feeder = Feeder(self.engine.vision, files, self.vision_batch, depth=len(files) + 1,
-                        image_tokens=self.image_tokens)
+                        budget=self.engine.default_budget)
         pending = []
         feeder.start()
         try:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..reference.streamed import streamed_reference_logits
-from ..runtime.decoder import Decoder
+from ..runtime.tokenizer import Tokenizer
 from ..runtime.executor import Executor, evaluate
 from ..runtime.llama_loader import open_llama
 
@@ -70,7 +70,7 @@ def gguf_logits(
         gguf_path, n_ctx=n_positions, n_batch=n_batch, n_threads=n_threads, f32_kv=f32_kv,
         extra_bufts=extra_bufts,
     )
-    decoder = Decoder(llm)
+    decoder = Tokenizer(llm)
     executor = Executor(llm, llm.n_batch, decoder.n_embd, decoder.n_vocab)
     try:
         return evaluate(executor, [p if isinstance(p, list) else image_embeds[p] for p in parts])

@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 
 _WHERE = {
+    "Model": ".model",
+    "ImageBudget": ".image_budget",
     "Engine": ".engine",
+    "EngineBusy": ".scheduler",
     "EngineConfig": ".engine_config",
     "ChatSession": ".session",
     "Message": ".prompt",

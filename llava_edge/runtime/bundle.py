@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
-from ..paths import DEMO_BUNDLE, cache_dir  # noqa: F401  (DEMO_BUNDLE: the runtime's default bundle)
+from ..paths import cache_dir
 from .manifest_schema import validate_manifest
 
 FORMAT_VERSION = 1
@@ -65,8 +64,10 @@ def read_manifest(bundle_dir: Path, verify: bool = True) -> dict:
     """The manifest of a bundle, checked: present, parseable, every listed file there with its sha256."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / "manifest.json"
-    if not bundle_dir.is_dir():
+    if not bundle_dir.exists():
         raise UserError(f"{bundle_dir}: bundle directory not found")
+    if not bundle_dir.is_dir():
+        raise UserError(f"{bundle_dir}: not a directory (a bundle is the folder `llava-edge export --out` wrote)")
     if not path.is_file():
         raise UserError(f"{bundle_dir}: not an edge bundle (no manifest.json)")
     try:
@@ -141,27 +142,3 @@ def open_bundle(bundle_dir: str | os.PathLike, verify: bool = True) -> Bundle:
         vision=vision, n_embd=d["n_embd"], n_ctx_train=d["n_ctx_train"], quant=d["quant"],
         bos_id=d["bos_id"], eos_id=d["eos_id"], template=m["template"], domain=m.get("domain"),
     )
-
-
-MAX_DEFAULT_N_CTX = 4096  # N sequences of a longer trained context would cost N times its KV cache for nothing
-
-
-def default_n_ctx(bundle: Bundle) -> int:
-    """Positions per sequence when none are asked for: the model's trained context, at most 4096."""
-    return min(bundle.n_ctx_train or MAX_DEFAULT_N_CTX, MAX_DEFAULT_N_CTX)
-
-
-def checked_image_tokens(path, spec: VisionSpec, image_tokens, reducible: bool | None = None) -> int | None:
-    """An image-token budget as the int the vision graph takes (None stays None: every token), or a one-line
-    UserError: a whole number from the graph's minimum to one below the tower's token count, on a bundle whose
-    graph can reduce."""
-    if image_tokens is None:
-        return None
-    low, n = spec.image_tokens_min, spec.n_image_tokens
-    if isinstance(image_tokens, bool) or not isinstance(image_tokens, numbers.Integral) or not low <= image_tokens < n:
-        raise UserError(f"image tokens must be a whole number from {low} to {n - 1} (an image is {n} tokens; "
-                        f"leave it unset for all of them), not {image_tokens!r}")
-    if not (spec.reducible if reducible is None else reducible):
-        raise UserError(f"{path}: this bundle predates token reduction (its vision graph always gives {n} tokens); "
-                        "re-export it with `llava-edge export` to use fewer image tokens")
-    return int(image_tokens)

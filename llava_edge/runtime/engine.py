@@ -16,52 +16,55 @@ import sys
 import threading
 import time
 
-import llama_cpp
 import numpy as np
 
 from ..conversation import stop_strings
 from ..errors import ContextOverflow, UserError
 from .answer import Timings
-from .bundle import DEMO_BUNDLE, Bundle, default_n_ctx, open_bundle
-from .decoder import Decoder
 from .engine_config import EngineConfig
 from .executor import Executor
 from .generation import Generation
-from .llama_loader import open_llama
+from .model import ImageBudget, Model
 from .prefix_state import PrefixStates
 from .prompt import DeferredImage, Message, Prompt, PromptRenderer, check_messages
 from .sampling import SamplingConfig
-from .scheduler import (ImageChunk, Job, QueueFull, Scheduler, Slot, StepCost, StepPlan, common_prefix,
-                        prefill_budget)
-from .token_embeddings import TokenEmbeddings
-from .vision import EmbeddingCache, EncodedImage, VisionEncoder
+from .scheduler import EmbeddingChunk, EngineBusy, Job, Scheduler, Slot, StepCost, StepPlan, common_prefix, prefill_budget
+from .tokenizer import Tokenizer
+from .vision import EncodedImage
 
-EngineBusy = QueueFull  # the name the server and caption know it by
 __all__ = ["Engine", "EngineBusy", "EngineConfig"]
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, vision: VisionEncoder, llm: llama_cpp.Llama, config: EngineConfig,
-                 n_ctx_seq: int):
-        self.bundle, self.vision, self.llm, self.config = bundle, vision, llm, config
-        self.decoder = Decoder(llm)  # tokenizer, token pieces, vocab and n_embd
-        if self.decoder.n_embd != bundle.n_embd or vision.n_embd != bundle.n_embd:
-            raise UserError(f"{bundle.path}: the decoder takes n_embd {self.decoder.n_embd}, the manifest says "
-                            f"{bundle.n_embd} and the vision graph gives {vision.n_embd}")
-        self.n_ctx_seq = n_ctx_seq
-        self.n_batch = min(config.n_batch, llm.n_batch)
-        self.n_image_tokens = bundle.vision.n_image_tokens
-        self.stops = stop_strings(bundle.template)
-        self.renderer = PromptRenderer(bundle.template, self.decoder.tokenize, bundle.bos_id, bundle.eos_id,
-                                       self.decoder.n_vocab, self.decoder.n_embd, self.n_image_tokens)
-        # the token-embedding table, when its rows can be made exactly as llama.cpp makes them (token_embeddings.py)
-        table = TokenEmbeddings.open(bundle.decoder_file) if config.embed_text else None
-        fits = table is not None and (table.n_embd, table.n_vocab) == (self.decoder.n_embd, self.decoder.n_vocab)
-        self.token_rows = table if fits else None
+    def __init__(self, model: Model, config: EngineConfig | None = None, owns_model: bool = False):
+        """N sequences of one llama.cpp context over the model's decoder (config.parallel). owns_model: close()
+        closes the model too (Engine.open)."""
+        config = config or EngineConfig()
+        self.model, self.config, self.owns_model = model, config, owns_model
+        self.bundle, self.vision = model.bundle, model.vision
+        self.n_ctx_seq = model.context_length(config.n_ctx)
+        self.default_budget = model.image_budget(config.image_tokens)
+        # llama.cpp pads the whole context to a multiple of 256 and splits it evenly: give each sequence a
+        # multiple of 256 so the split is exact (the engine still holds each to n_ctx_seq)
+        per_sequence = -(-self.n_ctx_seq // 256) * 256
+        self.llm = model.open_decoder(per_sequence * config.parallel, config.parallel, config.n_batch, config.f32_kv)
+        self.tokenizer = Tokenizer(self.llm)
+        n_embd, n_vocab = self.tokenizer.n_embd, self.tokenizer.n_vocab
+        if n_embd != self.bundle.n_embd or self.vision.n_embd != self.bundle.n_embd:
+            model.close_decoder(self.llm)
+            raise UserError(f"{self.bundle.path}: the decoder takes n_embd {n_embd}, the manifest says "
+                            f"{self.bundle.n_embd} and the vision graph gives {self.vision.n_embd}")
+        self.n_batch = min(config.n_batch, self.llm.n_batch)
+        self.stops = stop_strings(self.bundle.template)
+        self.renderer = PromptRenderer(self.bundle.template, self.tokenizer.tokenize, self.bundle.bos_id,
+                                       self.bundle.eos_id, n_vocab, n_embd, model.n_image_tokens)
+        table = model.token_rows if config.embed_text else None
+        self.token_rows = table if table is not None and (table.n_embd, table.n_vocab) == (n_embd, n_vocab) else None
         self.scheduler = Scheduler(config.parallel, config.queue, self.n_batch, embed_text=self.token_rows is not None)
-        self.executor = Executor(llm, self.n_batch, self.decoder.n_embd, self.decoder.n_vocab)
-        self.prefix_states = PrefixStates(config.kv_cache_dir, llm, bundle.manifest["files"]["decoder"]["sha256"],
-                                          bundle.template, config.f32_kv) if config.kv_cache_dir else None
+        self.executor = Executor(self.llm, self.n_batch, n_embd, n_vocab)
+        self.prefix_states = PrefixStates(config.kv_cache_dir, self.bundle.manifest["files"]["decoder"]["sha256"],
+                                          self.bundle.template, self.executor.kv_description) \
+            if config.kv_cache_dir else None
         self.image_cache_hits = 0
         self.step_cost = StepCost()  # measured decode times, for the step budget
         self._step_lock = threading.Lock()  # one stepper at a time: llama.cpp's context is not thread-safe
@@ -71,18 +74,14 @@ class Engine:
 
     @classmethod
     def open(cls, bundle_dir: str | os.PathLike | None = None, config: EngineConfig | None = None,
-             verify: bool = True) -> Engine:
-        """Load a bundle (default: the demo bundle in the package) with `config.parallel` sequences."""
-        config = config or EngineConfig()
-        bundle = open_bundle(bundle_dir or DEMO_BUNDLE, verify=verify)
-        vision = VisionEncoder(bundle, config.device, config.threads, EmbeddingCache(disk_dir=config.image_cache_dir))
-        n_ctx_seq = config.n_ctx or default_n_ctx(bundle)
-        # llama.cpp pads the whole context to a multiple of 256 and splits it evenly: give each sequence a
-        # multiple of 256 so the split is exact (the engine still holds each to n_ctx_seq)
-        per_sequence = -(-n_ctx_seq // 256) * 256
-        llm = open_llama(bundle.decoder_file, n_ctx=per_sequence * config.parallel, n_threads=config.threads,
-                         n_batch=config.n_batch, f32_kv=config.f32_kv, n_seq_max=config.parallel)
-        return cls(bundle, vision, llm, config, n_ctx_seq)
+             **model_options) -> Engine:
+        """Model.open(bundle_dir, **model_options) and an engine over it that owns it (closes it with itself)."""
+        model = Model.open(bundle_dir, **model_options)
+        try:
+            return cls(model, config, owns_model=True)
+        except BaseException:
+            model.close()
+            raise
 
     @property
     def slots(self) -> list[Slot]:
@@ -93,7 +92,8 @@ class Engine:
     def generate(self, messages: list[Message], sampling: SamplingConfig | None = None,
                  image_tokens: int | None = None) -> Generation:
         """Queue a chat for an answer. The queue place is taken first (EngineBusy when there is none), then the
-        images are encoded here (or come from the cache), with image_tokens tokens each (None: all)."""
+        images are encoded here (or come from the cache), with image_tokens tokens each (None: the engine's
+        config.image_tokens)."""
         return self._queue(messages, sampling or SamplingConfig(), image_tokens, prefill_only=False)
 
     def prefill(self, messages: list[Message], image_tokens: int | None = None) -> Generation:
@@ -102,27 +102,37 @@ class Engine:
         chat's prefill while the user types). The text after the last image is not evaluated."""
         return self._queue(messages, SamplingConfig(max_tokens=1), image_tokens, prefill_only=True)
 
+    def budget(self, image_tokens: int | ImageBudget | None = None) -> ImageBudget:
+        """A request's image budget: the engine's own (checked once, when it was made), one already checked, or
+        the request's K, checked now."""
+        if image_tokens is None:
+            return self.default_budget
+        return image_tokens if isinstance(image_tokens, ImageBudget) else self.model.image_budget(image_tokens)
+
+    def count_positions(self, messages: list[Message], image_tokens: int | None = None) -> int:
+        """The positions this chat's prompt takes, images included, without reading or encoding an image (the
+        server picks where to cut a conversation that does not fit with it)."""
+        check_messages(messages)
+        budget = self.budget(image_tokens)
+        placeholders = [DeferredImage(b"", "", budget.n_tokens, budget) for m in messages for _ in m.images]
+        return len(self.renderer.render(messages, placeholders).keys)
+
     def _queue(self, messages, sampling, image_tokens, prefill_only) -> Generation:
         t_start = time.perf_counter()
-        image_tokens = self.vision.check_image_tokens(image_tokens if image_tokens is not None
-                                                      else self.config.image_tokens)
+        budget = self.budget(image_tokens)
         check_messages(messages)
         self.scheduler.reserve()
         try:
-            timings = Timings(image_tokens=image_tokens or self.n_image_tokens)
-            images = [self._image(source, image_tokens) for m in messages for source in m.images]
+            timings = Timings(image_tokens=budget.n_tokens)
+            images = [self._image(source, budget) for m in messages for source in m.images]
             prompt = self.renderer.render(messages, images)
+            if prefill_only and not prompt.images:
+                raise UserError("nothing to prefill: the conversation has no image")
+            self._check_room(prompt, budget)
             self._encode_what_no_cache_holds(prompt, timings)
             if prefill_only:
-                if not prompt.images:
-                    raise UserError("nothing to prefill: the conversation has no image")
                 prompt = prompt.upto_last_image()
             timings.n_prompt_tokens = len(prompt.keys)
-            if len(prompt.keys) >= self.n_ctx_seq:
-                raise ContextOverflow(
-                    f"the prompt is {len(prompt.keys)} positions (each image takes {self.n_image_tokens}); the "
-                    f"context holds {self.n_ctx_seq}: shorten the conversation (/reset in the chat) or use a larger "
-                    "--n-ctx", n_positions=len(prompt.keys), n_ctx=self.n_ctx_seq)
         except BaseException:
             self.scheduler.unreserve()
             raise
@@ -134,29 +144,38 @@ class Engine:
         self._wake()
         return gen
 
-    def prefix_stored(self, messages: list[Message], image_tokens: int | None = None) -> bool:
+    def _check_room(self, prompt: Prompt, budget: ImageBudget) -> None:
+        n = len(prompt.keys)
+        if n >= self.n_ctx_seq:
+            asked = self.config.n_ctx
+            cut = f" (n-ctx {asked} was cut to the model's trained context)" if asked and asked > self.n_ctx_seq else ""
+            raise ContextOverflow(
+                f"the prompt is {n} positions (each image takes {budget.n_tokens}); the context holds "
+                f"{self.n_ctx_seq} per conversation{cut}", n_positions=n, n_ctx=self.n_ctx_seq)
+
+    def prefix_stored(self, messages: list[Message], budget: ImageBudget) -> bool:
         """Whether the disk store holds the KV of this chat up to the end of its first image: then the image need
         not be encoded (the chat asks before it encodes a new image)."""
         if self.prefix_states is None:
             return False
         check_messages(messages)
-        images = [self._image(source, image_tokens) for m in messages for source in m.images]
+        images = [self._image(source, budget) for m in messages for source in m.images]
         prompt = self.renderer.render(messages, images)
         if not prompt.images:
             return False
         start = min(prompt.images)
         return self.prefix_states.has(prompt.keys[:start + prompt.image_spans[start]])
 
-    def _image(self, source, image_tokens: int | None) -> EncodedImage | DeferredImage:
+    def _image(self, source, budget: ImageBudget) -> EncodedImage | DeferredImage:
         """The embeddings when they are at hand (given, or in the embedding cache), else a DeferredImage."""
         if isinstance(source, EncodedImage):  # encoded by the caller, who reports its cost
             return source
         _, data, sha = self.vision.identify(source)
-        hit = self.vision.cached(sha, image_tokens)
+        hit = self.vision.cached(sha, budget)
         if hit is not None:
             self.image_cache_hits += 1
             return hit
-        return DeferredImage(data, sha, image_tokens or self.n_image_tokens, image_tokens)
+        return DeferredImage(data, sha, budget.n_tokens, budget)
 
     def _encode_what_no_cache_holds(self, prompt: Prompt, timings: Timings) -> None:
         """Encode the deferred images whose positions no KV holds: a free slot's KV, or the disk store's entry for
@@ -171,15 +190,10 @@ class Engine:
             if held or stored:
                 timings.image_cached = True
                 continue
-            encoded = self._encode(image)
+            encoded = self.vision.encode(image.source, image.budget)
             timings.vision_ms += encoded.vision_ms
             timings.image_cached = timings.image_cached or encoded.cached
             prompt.images[start] = encoded.embeds
-
-    def _encode(self, image: DeferredImage) -> EncodedImage:
-        if image.image_tokens is None:
-            return self.vision.encode(image.source)
-        return self.vision.encode(image.source, image.image_tokens)
 
     def cancel(self, gen: Generation, reason: str) -> None:
         self.scheduler.cancel(gen.job, reason)
@@ -267,8 +281,9 @@ class Engine:
             restored = None
             end = a.job.first_image_end()
             if self.prefix_states is not None and end and a.keep < end:
-                restored = self.prefix_states.restore(a.slot.seq, a.job.keys[:end])
-                if restored is not None:
+                blob = self.prefix_states.get(a.job.keys[:end])
+                if blob is not None:
+                    restored = self.executor.write_state(a.slot.seq, blob, end)
                     self.scheduler.restored(a.slot, end if restored else 0)
             a.job.owner.started(a.job.cursor, len(a.job.keys) - a.job.cursor, bool(restored))
 
@@ -281,19 +296,19 @@ class Engine:
             for row, e in enumerate(plan.tokens):
                 if e.wants_logits:
                     self._draw(e.slot, row)
-        if plan.image is not None:
-            c = plan.image
+        if plan.embeddings is not None:
+            c = plan.embeddings
             embeds = self._chunk_rows(c)
             t0 = time.perf_counter()
             self.executor.decode_embeddings(c.slot.seq, c.pos, embeds, c.wants_logits)
             self.step_cost.add(c.end - c.begin, time.perf_counter() - t0)
-            self.scheduler.commit_image(plan)
+            self.scheduler.commit_embeddings(plan)
             if self.prefix_states is not None and c.end == c.slot.job.first_image_end():
-                self.prefix_states.save(c.slot.seq, c.slot.job.keys[:c.end])
+                self.prefix_states.put(c.slot.job.keys[:c.end], self.executor.read_state(c.slot.seq))
             if c.wants_logits:
                 self._draw(c.slot, c.end - c.begin - 1)
 
-    def _chunk_rows(self, c: ImageChunk) -> np.ndarray:
+    def _chunk_rows(self, c: EmbeddingChunk) -> np.ndarray:
         """The embedding rows of a chunk's positions: image embeddings, and token-table rows for its text."""
         job, gen = c.slot.job, c.slot.job.owner
         parts, i = [], c.begin
@@ -305,8 +320,9 @@ class Engine:
                     j += 1
                 parts.append(self.token_rows.rows(job.keys[i:j]))
             else:
-                if isinstance(gen.images[start], DeferredImage):  # the KV that held it was lost meanwhile
-                    gen.images[start] = self._encode(gen.images[start]).embeds
+                image = gen.images[start]
+                if isinstance(image, DeferredImage):  # the KV that held it was lost meanwhile
+                    gen.images[start] = self.vision.encode(image.source, image.budget).embeds
                 j = min(c.end, start + job.image_spans[start])
                 parts.append(gen.images[start][i - start:j - start])
             i = j
@@ -314,7 +330,7 @@ class Engine:
 
     def _draw(self, slot: Slot, row: int) -> None:
         gen = slot.job.owner
-        token, reason = gen.draw(self.executor.logits(row), self.bundle.eos_id, self.decoder.piece,
+        token, reason = gen.draw(self.executor.logits(row), self.bundle.eos_id, self.tokenizer.piece,
                                  self.n_ctx_seq - len(slot.held))
         if reason is not None:
             self._release(slot, reason)
@@ -353,4 +369,6 @@ class Engine:
                 if s.job is not None:
                     self._release(s, "cancelled")
             self.executor.close()
-            self.llm.close()
+            self.model.close_decoder(self.llm)
+        if self.owns_model:
+            self.model.close()

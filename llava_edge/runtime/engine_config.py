@@ -1,4 +1,7 @@
-"""How an engine is set up: one place for its defaults (the CLI reads them from here). No heavy imports."""
+"""How an engine is set up: one place for its defaults (the CLI reads them from here). No heavy imports.
+
+What belongs to the model rather than to an engine (the vision device, CPU threads, the embedding cache's
+directory) is given to `Model.open`."""
 
 from __future__ import annotations
 
@@ -6,17 +9,18 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 
+# Defaults of what Model.open takes, here so that the CLI reads them without loading the runtime
+DEFAULT_DEVICE = "auto"  # vision on ONNX Runtime: auto|cpu|cuda|tensorrt
+MAX_DEFAULT_N_CTX = 4096  # N sequences of a longer trained context would cost N times its KV cache for nothing
+
 
 @dataclass
 class EngineConfig:
     parallel: int = 1  # sequences (slots) in the one context
-    n_ctx: int | None = None  # positions per sequence (default: the bundle's, see bundle.default_n_ctx)
+    n_ctx: int | None = None  # positions per sequence (default and bounds: Model.context_length)
     n_batch: int = 512  # most positions in one llama_decode
-    threads: int | None = None
     queue: int = 16  # requests that may wait for a slot; one more is refused (EngineBusy)
-    device: str = "auto"  # vision: auto|cpu|cuda|tensorrt
     f32_kv: bool = False
-    image_cache_dir: str | None = None  # image embeddings as .npy files too
     kv_cache_dir: str | None = None  # KV state after the image prefix, on disk
     image_tokens: int | None = None  # tokens per image when a request names none (None: all, the reference)
     decode_slowdown: float = 0.25  # prefill riding along may slow the next token of the answers by at most this

@@ -59,6 +59,34 @@ class Executor:
         """Sequence seq keeps its first `keep` positions' KV."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq, keep, -1)
 
+    @property
+    def kv_description(self) -> str:
+        """What shapes a saved sequence state besides the model: the llama.cpp build, the KV cache's element type
+        and flash attention (which stores V untransposed)."""
+        type_k = self.llm.context_params.type_k
+        kv = {llama_cpp.GGML_TYPE_F32: "f32", llama_cpp.GGML_TYPE_F16: "f16", llama_cpp.GGML_TYPE_Q8_0: "q8_0",
+              llama_cpp.GGML_TYPE_Q4_0: "q4_0"}.get(type_k, f"type {type_k}")
+        flash = int(self.llm.context_params.flash_attn_type)
+        return f"llama_cpp {llama_cpp.__version__}; kv {kv}; flash_attn {flash}"
+
+    def read_state(self, seq: int) -> memoryview | None:
+        """Sequence seq's state (its KV) as bytes, or None when llama.cpp gives none."""
+        size = llama_cpp.llama_state_seq_get_size(self.llm.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self.llm.ctx, buf, size, seq)
+        return memoryview(buf)[:n] if n else None
+
+    def write_state(self, seq: int, blob, n_positions: int) -> bool:
+        """Load a state read by read_state into sequence seq: True when it now holds n_positions positions; else
+        it is emptied (refused by llama.cpp, or another length: the caller prefills as if never stored)."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, 0, -1)
+        buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
+        ok = (llama_cpp.llama_state_seq_set_data(self.llm.ctx, buf, len(blob), seq) != 0
+              and llama_cpp.llama_memory_seq_pos_max(self.memory, seq) == n_positions - 1)
+        if not ok:
+            llama_cpp.llama_memory_seq_rm(self.memory, seq, 0, -1)
+        return ok
+
     def close(self) -> None:
         for batch in (self._tokens, self._embeds):
             if batch is not None:

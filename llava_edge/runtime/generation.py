@@ -14,9 +14,7 @@ import time
 import numpy as np
 
 from .answer import Answer, AnswerText, Timings
-from .prompt import Message  # noqa: F401  (re-exported: callers build requests from Messages)
 from .sampling import SamplingConfig, sample_token
-from .scheduler import Key  # noqa: F401
 
 
 class Generation:

@@ -7,27 +7,22 @@ wait). The blobs live in a `KVCache` (kv_cache.py), keyed by everything that sha
 
 from __future__ import annotations
 
-import ctypes
 import sys
-
-import llama_cpp
 
 from .kv_cache import KVCache, PrefixKey, positions_digest
 
 
 class PrefixStates:
-    def __init__(self, directory: str, llm: llama_cpp.Llama, decoder_sha256: str, template: str, f32_kv: bool):
+    """Keys and blobs only: the executor reads a sequence's state out of llama.cpp and writes it back in."""
+
+    def __init__(self, directory: str, decoder_sha256: str, template: str, kv_description: str):
         self.cache = KVCache(directory)
-        self.ctx = llm.ctx
-        self._memory = llama_cpp.llama_get_memory(self.ctx)
-        self._decoder, self._template = decoder_sha256, template
-        # what else shapes a saved state: the llama.cpp build, the KV cache's element type, and flash attention
-        # (which stores V untransposed)
-        flash = int(llm.context_params.flash_attn_type)
-        self._runtime = f"llama_cpp {llama_cpp.__version__}; kv {'f32' if f32_kv else 'f16'}; flash_attn {flash}"
+        # kv_description: what else shapes a saved state (the llama.cpp build, the KV cache's element type, flash
+        # attention, which stores V untransposed)
+        self._decoder, self._template, self._runtime = decoder_sha256, template, kv_description
 
     def key(self, prefix: list) -> PrefixKey:
-        """prefix: positions (token ids, ("image", sha256, i) tuples) ending with the first image."""
+        """prefix: positions (token ids, ("image", image id, i) tuples) ending with the first image."""
         positions = [k if isinstance(k, int) else k[1] for k in prefix]
         return PrefixKey(self._decoder, self._template, prefix[-1][1], positions_digest(positions), self._runtime)
 
@@ -35,28 +30,15 @@ class PrefixStates:
         """Whether an entry for the prefix is stored (it may still turn out unusable when restored)."""
         return self.cache.path(self.key(prefix)).exists()
 
-    def restore(self, seq: int, prefix: list) -> bool | None:
-        """Load the prefix into sequence `seq`: True when it now holds exactly the prefix; None when there is
-        no entry (the sequence is untouched); False when the entry was unusable (the sequence is emptied)."""
-        blob = self.cache.get(self.key(prefix))
-        if blob is None:
-            return None
-        llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
-        buf = (ctypes.c_uint8 * len(blob)).from_buffer(blob)
-        ok = (llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(blob), seq) != 0
-              and llama_cpp.llama_memory_seq_pos_max(self._memory, seq) == len(prefix) - 1)
-        if not ok:  # refused by llama.cpp, or another length: prefill as if never cached
-            llama_cpp.llama_memory_seq_rm(self._memory, seq, 0, -1)
-        return ok
+    def get(self, prefix: list):
+        """The stored state of this prefix (a buffer), or None."""
+        return self.cache.get(self.key(prefix))
 
-    def save(self, seq: int, prefix: list) -> None:
-        """Store what sequence `seq` holds, which must be exactly `prefix`."""
-        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
-        buf = (ctypes.c_uint8 * size)()
-        n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
-        if not n:
+    def put(self, prefix: list, blob) -> None:
+        """Store the state of a sequence that holds exactly `prefix` (None: nothing was read)."""
+        if blob is None:
             return
         try:
-            self.cache.put(self.key(prefix), memoryview(buf)[:n])
+            self.cache.put(self.key(prefix), blob)
         except OSError as e:  # a full or read-only disk only costs the next process a prefill
             print(f"llava-edge: could not save the image's KV to {self.cache.directory}: {e}", file=sys.stderr)

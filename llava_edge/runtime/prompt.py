@@ -7,12 +7,15 @@ text (it would shift the images), token ids inside the vocab, embedding shapes. 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Union
 
 import numpy as np
 
 from ..conversation import IMAGE_TOKEN_INDEX, render_messages, tokenize_prompt
 from ..errors import UserError
-from .scheduler import Key
+from .image_budget import ImageBudget
+
+Key = Union[int, tuple]  # a position: a token id, or ("image", image id, i) for an image's i-th embedding
 
 ROLES = ("system", "user", "assistant")
 
@@ -31,7 +34,11 @@ class DeferredImage:
     source: bytes
     sha256: str
     n_tokens: int
-    image_tokens: int | None  # the budget it is to be encoded with (None: all)
+    budget: ImageBudget  # the budget it is to be encoded with
+
+    @property
+    def image_id(self) -> str:
+        return self.sha256 + self.budget.tag
 
 
 @dataclass
@@ -62,11 +69,6 @@ def check_messages(messages: list[Message]) -> None:
             raise UserError(f"unknown message role {m.role!r} (expected system, user or assistant)")
         if m.images and m.role != "user":
             raise UserError("images can only be in user messages")
-
-
-def image_id(sha256: str, n_tokens: int, n_all: int) -> str:
-    """What names an image's positions: its bytes, and the token budget when it was reduced."""
-    return sha256 if n_tokens == n_all else f"{sha256}:{n_tokens}"
 
 
 @dataclass
@@ -103,8 +105,7 @@ class PromptRenderer:
                     raise UserError(f"image embeddings have shape {shape}; the decoder needs "
                                     f"[at most {self.n_image_tokens}, {self.n_embd}]")
                 images[len(keys)] = image.embeds
-            name = image_id(image.sha256, n, self.n_image_tokens)
-            keys.extend(("image", name, i) for i in range(n))
+            keys.extend(("image", image.image_id, i) for i in range(n))
         bad = [k for k in keys if isinstance(k, int) and not 0 <= k < self.n_vocab]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the decoder's vocab of {self.n_vocab}")

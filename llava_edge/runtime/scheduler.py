@@ -3,7 +3,7 @@
 The scheduler holds the requests that wait for a slot (a bounded FIFO queue) and, for each slot (one llama.cpp
 sequence), the positions its KV holds and where its request stands. `plan()` turns that into a `StepPlan`: the
 next token of every decoding request, then prefill positions of the others, first come first served, within a
-budget; the engine runs the plan on the executor and reports back (`commit_tokens`, `commit_image`, `feed`,
+budget; the engine runs the plan on the executor and reports back (`commit_tokens`, `commit_embeddings`, `feed`,
 `release`). The rules live here and are tested without a model: which slot a request takes (the free one sharing
 the longest prefix with its prompt), never resuming inside an image, budgets, cancels, the queue limit.
 
@@ -16,12 +16,12 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-Key = Union[int, tuple]
+from .prompt import Key
 
 
-class QueueFull(Exception):
+class EngineBusy(Exception):
     """Every slot is busy and the queue is full: try again later."""
 
 
@@ -85,7 +85,7 @@ class TokenEntry:
 
 
 @dataclass
-class ImageChunk:
+class EmbeddingChunk:
     """Prompt positions [begin, end) of one job decoded as embedding rows: image positions, and with
     `Scheduler.embed_text` the text next to them too (one decode instead of one per run of text)."""
     slot: Slot
@@ -101,11 +101,11 @@ class ImageChunk:
 @dataclass
 class StepPlan:
     tokens: list[TokenEntry] = field(default_factory=list)  # one llama_decode of token ids
-    image: ImageChunk | None = None  # then one of embeddings (a llama_batch holds either, not both)
+    embeddings: EmbeddingChunk | None = None  # then one of embeddings (a llama_batch holds either, not both)
 
     @property
     def empty(self) -> bool:
-        return not self.tokens and self.image is None
+        return not self.tokens and self.embeddings is None
 
 
 class StepCost:
@@ -206,11 +206,11 @@ class Scheduler:
     # ------------------------------------------------------------------ the queue (any thread)
 
     def reserve(self) -> None:
-        """Take a place before the request's images are encoded; QueueFull when there is none."""
+        """Take a place before the request's images are encoded; EngineBusy when there is none."""
         with self.lock:
             free = sum(s.job is None for s in self.slots)
             if len(self.waiting) + self.reserved >= self.queue_limit + free:
-                raise QueueFull(f"all {len(self.slots)} slots are busy and "
+                raise EngineBusy(f"all {len(self.slots)} slots are busy and "
                                 f"{len(self.waiting) + self.reserved - free} requests wait")
             self.reserved += 1
 
@@ -306,9 +306,9 @@ class Scheduler:
             job, i = s.job, s.job.cursor
             if self.embed_text and _holds_image(job, i, _chunk_end(job, i, i + self.n_batch)):
                 # text that leads to an image waits for the image's decode (cheaper than a decode of its own)
-                if plan.image is None and min(budget, image_budget) > 0:
+                if plan.embeddings is None and min(budget, image_budget) > 0:
                     end = _chunk_end(job, i, i + min(budget, image_budget, self.n_batch))
-                    plan.image = ImageChunk(s, i, end, end == len(job.keys) and not job.prefill_only)
+                    plan.embeddings = EmbeddingChunk(s, i, end, end == len(job.keys) and not job.prefill_only)
                     budget -= end - i
                     if budget <= 0:
                         break
@@ -320,10 +320,10 @@ class Scheduler:
                 budget -= 1
                 i += 1
             start = job.span_start(i) if i < len(job.keys) else None
-            if budget > 0 and image_budget > 0 and plan.image is None and start is not None:
+            if budget > 0 and image_budget > 0 and plan.embeddings is None and start is not None:
                 end = min(start + job.image_spans[start], i + budget, i + image_budget, i + self.n_batch)
                 last = end == len(job.keys)
-                plan.image = ImageChunk(s, i, end, last and not job.prefill_only)
+                plan.embeddings = EmbeddingChunk(s, i, end, last and not job.prefill_only)
                 budget -= end - i
             if budget <= 0:
                 break
@@ -338,8 +338,8 @@ class Scheduler:
             else:
                 e.slot.job.cursor += 1
 
-    def commit_image(self, plan: StepPlan) -> None:
-        chunk = plan.image
+    def commit_embeddings(self, plan: StepPlan) -> None:
+        chunk = plan.embeddings
         chunk.slot.held.extend(chunk.slot.job.keys[chunk.begin:chunk.end])
         chunk.slot.job.cursor = chunk.end
 

@@ -17,17 +17,24 @@ import numpy as np
 
 from ..errors import UserError
 from .answer import Answer
-from .engine import Engine, EngineConfig
-from .generation import Message
+from .engine import Engine
+from .engine_config import EngineConfig
+from .model import Model
+from .prompt import Message
 from .sampling import SamplingConfig
 from .vision import EncodedImage
 
 
 class ChatSession:
-    def __init__(self, engine: Engine, image_tokens: int | None = None):
-        self.engine = engine
-        self.bundle, self.vision = engine.bundle, engine.vision
-        self.image_tokens = image_tokens  # None: every image token (the reference)
+    def __init__(self, model: Model, config: EngineConfig | None = None, owns_model: bool = False):
+        """A chat on sequence 0 of a one-sequence engine over `model`; config's other settings are the engine's
+        (its image_tokens: the image budget of this chat, None for every token)."""
+        config = config or EngineConfig()
+        if config.parallel != 1:
+            raise UserError("a chat session decodes one sequence: its EngineConfig.parallel must be 1")
+        self.engine = Engine(model, config, owns_model)
+        self.bundle, self.vision = model.bundle, model.vision
+        self.budget = self.engine.default_budget  # the image budget of this conversation (set_image)
         self.image: EncodedImage | bytes | None = None  # bytes: not encoded (see set_image)
         self.image_path = None  # what set_image was given, when it was a path
         self._image_fresh = False  # the image's encode time has not been reported by a turn yet
@@ -50,26 +57,30 @@ class ChatSession:
         kv_cache_dir: str | os.PathLike | None = None,
         image_tokens: int | None = None,
     ) -> ChatSession:
-        """Load a bundle (default: the demo bundle in the package) for chatting."""
-        config = EngineConfig(parallel=1, n_ctx=n_ctx, threads=threads, device=device, f32_kv=f32_kv,
-                              image_cache_dir=str(cache_dir) if cache_dir else None,
+        """Model.open and a chat over it that owns it (for scripts: the CLI opens the Model itself)."""
+        model = Model.open(bundle_dir, device=device, threads=threads, verify=verify, image_cache_dir=cache_dir)
+        config = EngineConfig(parallel=1, n_ctx=n_ctx, f32_kv=f32_kv, image_tokens=image_tokens,
                               kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
-        return cls(Engine.open(bundle_dir, config, verify=verify), image_tokens)
+        try:
+            return cls(model, config, owns_model=True)
+        except BaseException:
+            model.close()
+            raise
 
     # ------------------------------------------------------------------ conversation state
 
-    def set_image(self, source: str | os.PathLike | bytes) -> EncodedImage | bytes:
-        """Start a new conversation about this image: encoded now (or taken from the embedding cache), unless the
-        disk KV store holds the conversation's prefix up to the image's end; then it is never encoded, and the
-        conversation holds the image's bytes."""
+    def set_image(self, source: str | os.PathLike | bytes, image_tokens: int | None = None) -> EncodedImage | bytes:
+        """Start a new conversation about this image, at image_tokens tokens (None: the engine's budget): encoded
+        now (or taken from the embedding cache), unless the disk KV store holds the conversation's prefix up to
+        the image's end; then it is never encoded, and the conversation holds the image's bytes."""
+        budget = self.engine.budget(image_tokens)
         _, data, _ = self.vision.identify(source)
-        if self.engine.prefix_stored([Message("user", "", [data])], self.image_tokens):
+        if self.engine.prefix_stored([Message("user", "", [data])], budget):
             image = data
-        elif self.image_tokens is None:
-            image = self.vision.encode(source)
         else:
-            image = self.vision.encode(source, self.image_tokens)
+            image = self.vision.encode(source, budget)
         self.cancel_prefill()
+        self.budget = budget
         self.image, self._image_fresh, self._paid_ahead = image, True, False
         self.image_path = None if isinstance(source, bytes) else source
         self.turns = []
@@ -80,7 +91,7 @@ class ChatSession:
         known; whoever steps the engine (its thread, or the next ask) carries it on. The answers do not change.
         Returns the prefill's Generation (None when there is nothing to prefill)."""
         if self.image is not None and not self.turns and self._prefill is None:
-            self._prefill = self.engine.prefill(self.messages(""), self.image_tokens)
+            self._prefill = self.engine.prefill(self.messages(""), self.budget)
             self._paid_ahead = True
         return self._prefill
 
@@ -124,7 +135,7 @@ class ChatSession:
         if not question:
             raise UserError("the question is empty")
         t_start = time.perf_counter()
-        generation = self.engine.generate(self.messages(question), sampling or SamplingConfig(), self.image_tokens)
+        generation = self.engine.generate(self.messages(question), sampling or SamplingConfig(), self.budget)
         self._prefill = None  # queued behind it: the question resumes from what the prefill leaves in the KV
         fresh = self.image is not None and self._image_fresh
         encoded = isinstance(self.image, EncodedImage)  # else its KV is on disk: it costs no encode
@@ -165,7 +176,7 @@ class ChatSession:
         return logits
 
     def tokenize(self, text: str) -> list[int]:
-        return self.engine.decoder.tokenize(text)
+        return self.engine.tokenizer.tokenize(text)
 
     def close(self) -> None:
         self.engine.close()

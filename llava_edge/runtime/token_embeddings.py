@@ -13,17 +13,14 @@ Other types give None (the engine then decodes text as tokens, as before).
 from __future__ import annotations
 
 import mmap
-import struct
 from pathlib import Path
 
 import numpy as np
 
-GGUF_MAGIC = b"GGUF"
+from .gguf_file import F16, F32, Q4_0, Q4_K, Q5_K, Q8_0, read_tensor_infos
+
 TENSOR = "token_embd.weight"
-F32, F16, Q4_0, Q8_0, Q4_K, Q5_K = 0, 1, 2, 8, 12, 13
 BLOCK = {F32: (1, 4), F16: (1, 2), Q4_0: (32, 18), Q8_0: (32, 34), Q4_K: (256, 144), Q5_K: (256, 176)}
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
 
 
 class TokenEmbeddings:
@@ -40,10 +37,10 @@ class TokenEmbeddings:
         """None when the table's type is not one this module dequantizes exactly."""
         with open(gguf_path, "rb") as f:
             whole = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        found = _find_tensor(whole, TENSOR)
+        found = (read_tensor_infos(whole) or {}).get(TENSOR)
         if found is None:
             return None
-        ggml_type, (n_embd, n_vocab), offset = found
+        ggml_type, (n_embd, n_vocab), offset = found.ggml_type, found.dims, found.offset
         if ggml_type not in BLOCK or n_embd % BLOCK[ggml_type][0]:
             return None
         table = cls(memoryview(whole), ggml_type, n_embd, n_vocab)
@@ -113,54 +110,3 @@ def _dequantize_q5_k(raw):
 
 _DEQUANTIZE = {F32: _dequantize_f32, F16: lambda raw: _f16(raw), Q8_0: _dequantize_q8_0, Q4_0: _dequantize_q4_0,
                Q4_K: _dequantize_q4_k, Q5_K: _dequantize_q5_k}
-
-
-def _find_tensor(buf, name: str) -> tuple[int, tuple[int, ...], int] | None:
-    """(ggml type, dims, absolute data offset) of a tensor in a GGUF (v2, v3), or None."""
-    if buf[:4] != GGUF_MAGIC:
-        return None
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-    if version < 2:
-        return None
-    pos = 24
-    alignment = 32
-
-    def string(at):
-        (n,) = struct.unpack_from("<Q", buf, at)
-        return bytes(buf[at + 8:at + 8 + n]).decode("utf-8", "replace"), at + 8 + n
-
-    def skip_value(kind, at):
-        if kind in _SCALAR:
-            return at + struct.calcsize("<" + _SCALAR[kind])
-        if kind == _STRING:
-            return string(at)[1]
-        if kind == _ARRAY:
-            item, n = struct.unpack_from("<IQ", buf, at)
-            at += 12
-            if item in _SCALAR:
-                return at + n * struct.calcsize("<" + _SCALAR[item])
-            for _ in range(n):
-                at = skip_value(item, at)
-            return at
-        raise ValueError(f"unknown GGUF value type {kind}")
-
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (kind,) = struct.unpack_from("<I", buf, pos)
-        pos += 4
-        if key == "general.alignment" and kind == 4:
-            (alignment,) = struct.unpack_from("<I", buf, pos)
-        pos = skip_value(kind, pos)
-    found = None
-    for _ in range(n_tensors):
-        tensor, pos = string(pos)
-        (n_dims,) = struct.unpack_from("<I", buf, pos)
-        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
-        ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
-        pos += 4 + 8 * n_dims + 12
-        if tensor == name:
-            found = (ggml_type, dims, offset)
-    if found is None:
-        return None
-    data_start = -(-pos // alignment) * alignment
-    return found[0], found[1], data_start + found[2]

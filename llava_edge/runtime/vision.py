@@ -3,7 +3,7 @@
 Embeddings are cached by the sha256 of the image bytes (and of the vision graph, and the number of image
 tokens asked for): in memory as a bounded LRU, optionally on disk as .npy files, so asking again about the
 same photo costs no encode. Fewer image tokens (`image_tokens=K`) are chosen by the vision graph itself
-(token reduction, in bundles exported since it exists). No torch.
+(token reduction, in bundles exported since it exists; the budget is checked by `Model.image_budget`). No torch.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import numpy as np
 from ..errors import UserError
 from ..image import load_image, preprocess, read_image_source
 from ..onnx_session import ort_session
-from .bundle import Bundle, checked_image_tokens
+from .bundle import Bundle
+from .image_budget import ImageBudget
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
@@ -49,17 +50,17 @@ class EncodedImage:
     sha256: str  # of the image bytes
     vision_ms: float  # 0.0 when it came from a cache
     cached: bool
-    image_tokens: int | None = None  # the K asked for; None: every token
+    budget_tag: str = ""  # the ImageBudget's tag: "" for every token, "-kK" for K of them
 
     @property
     def n_tokens(self) -> int:
         return self.embeds.shape[0]
 
     @property
-    def embeds_id(self) -> str:
-        """What tells these embeddings apart in a prompt (e.g. a KV prefix key): the image's sha256, and K
-        when fewer tokens were asked for (the same image at another K is other positions)."""
-        return self.sha256 if self.image_tokens is None else f"{self.sha256}-k{self.image_tokens}"
+    def image_id(self) -> str:
+        """What names these embeddings in every cache: the image bytes' sha256 and the budget's tag (the same
+        image at another budget is other positions)."""
+        return self.sha256 + self.budget_tag
 
 
 class EmbeddingCache:
@@ -146,39 +147,24 @@ class VisionEncoder:
                             f"the decoder takes {bundle.n_embd}: vision and decoder are from different models")
         self.cache = cache if cache is not None else EmbeddingCache()
         self.graph_sha = bundle.manifest["files"]["vision"]["sha256"]
-        self.bundle_path = bundle.path
         self.image_tokens_input = self.spec.image_tokens_input
         overridable = {i.name for i in self.session.get_overridable_initializers()}
         if self.image_tokens_input is not None and self.image_tokens_input not in overridable | set(inputs):
             raise UserError(f"{bundle.vision_file}: the manifest names the input {self.image_tokens_input!r} for "
                             "fewer image tokens; the graph has none")
 
-    @property
-    def n_image_tokens(self) -> int:
-        """Tokens per image when all are kept (the default)."""
-        return self.spec.n_image_tokens
-
-    @property
-    def supports_reduction(self) -> bool:
-        """Whether this bundle's vision graph gives fewer tokens on request (`image_tokens`)."""
-        return self.image_tokens_input is not None
-
-    def check_image_tokens(self, image_tokens) -> int | None:
-        """image_tokens as the int the graph takes (None stays None: every token), or UserError in one line."""
-        return checked_image_tokens(self.bundle_path, self.spec, image_tokens, self.supports_reduction)
-
     def pixels(self, image_bytes: bytes, name: str | None = None) -> np.ndarray:
         s = self.spec
         return preprocess(load_image(image_bytes, name), s.image_size, s.mean, s.std, s.aspect)
 
-    def encode_pixels(self, pixels: np.ndarray, image_tokens: int | None = None) -> np.ndarray:
-        """[B, 3, S, S] float32 -> [B, K, n_embd] float32: K = image_tokens (checked), default every token."""
-        image_tokens = self.check_image_tokens(image_tokens)
+    def encode_pixels(self, pixels: np.ndarray, budget: ImageBudget | None = None) -> np.ndarray:
+        """[B, 3, S, S] float32 -> [B, K, n_embd] float32, K per the budget (checked by Model.image_budget;
+        None: every token)."""
         feeds = {self.input_name: np.ascontiguousarray(pixels, np.float32)}
-        if image_tokens is not None:
-            feeds[self.image_tokens_input] = np.array(image_tokens, np.int64)
+        if budget is not None and budget.graph_tokens is not None:
+            feeds[self.image_tokens_input] = np.array(budget.graph_tokens, np.int64)
         (out,) = self.session.run([self.output_name], feeds)
-        expected = (pixels.shape[0], image_tokens or self.spec.n_image_tokens, self.n_embd)
+        expected = (pixels.shape[0], self.spec.n_image_tokens if budget is None else budget.n_tokens, self.n_embd)
         if out.shape != expected:
             raise UserError(f"vision graph returned {out.shape}, the manifest promises {expected}")
         return out
@@ -188,25 +174,29 @@ class VisionEncoder:
         name, data = read_image_source(source)
         return name, data, hashlib.sha256(data).hexdigest()
 
-    def _key(self, sha256: str, image_tokens: int | None) -> str:
-        return f"{self.graph_sha[:16]}-{sha256}" + ("" if image_tokens is None else f"-k{image_tokens}")
+    def _key(self, image_id: str) -> str:
+        return f"{self.graph_sha[:16]}-{image_id}"
 
-    def cached(self, sha256: str, image_tokens: int | None = None) -> EncodedImage | None:
+    def cached(self, sha256: str, budget: ImageBudget | None = None) -> EncodedImage | None:
         """The embeddings of these bytes at this budget, when the cache has them."""
-        hit = self.cache.get(self._key(sha256, image_tokens))
-        return None if hit is None else EncodedImage(hit, sha256, 0.0, True, image_tokens)
+        tag = "" if budget is None else budget.tag
+        hit = self.cache.get(self._key(sha256 + tag))
+        return None if hit is None else EncodedImage(hit, sha256, 0.0, True, tag)
 
-    def encode(self, source: str | os.PathLike | bytes, image_tokens: int | None = None) -> EncodedImage:
-        """One image file (or its bytes) -> its embeddings, from the cache when the same bytes were seen at the
-        same image_tokens (None: every token; else K, 1 <= K < n_image_tokens, chosen by the vision graph)."""
-        image_tokens = self.check_image_tokens(image_tokens)
+    def remember(self, embeds: np.ndarray, sha256: str, ms: float, budget: ImageBudget | None = None) -> EncodedImage:
+        """Embeddings encoded elsewhere (caption's batched vision runs), put in the cache."""
+        tag = "" if budget is None else budget.tag
+        self.cache.put(self._key(sha256 + tag), embeds)
+        return EncodedImage(embeds, sha256, ms, False, tag)
+
+    def encode(self, source: str | os.PathLike | bytes, budget: ImageBudget | None = None) -> EncodedImage:
+        """One image file (or its bytes) -> its embeddings at this budget (None: every token), from the cache
+        when the same bytes were seen at the same budget."""
         name, data, sha = self.identify(source)
-        hit = self.cached(sha, image_tokens)
+        hit = self.cached(sha, budget)
         if hit is not None:
             return hit
         t0 = time.perf_counter()  # preprocessing counts: it is part of what an image costs
         pixels = self.pixels(data, name)
-        embeds = np.ascontiguousarray(self.encode_pixels(pixels[None], image_tokens)[0])
-        ms = 1000 * (time.perf_counter() - t0)
-        self.cache.put(self._key(sha, image_tokens), embeds)
-        return EncodedImage(embeds, sha, ms, False, image_tokens)
+        embeds = np.ascontiguousarray(self.encode_pixels(pixels[None], budget)[0])
+        return self.remember(embeds, sha, 1000 * (time.perf_counter() - t0), budget)

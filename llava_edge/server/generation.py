@@ -11,8 +11,7 @@ import anyio
 from starlette.responses import StreamingResponse
 
 from ..errors import ContextOverflow, UserError
-from ..runtime.engine import EngineBusy
-from ..runtime.generation import Message
+from ..runtime import EngineBusy, Message
 from ..runtime.sampling import SamplingConfig
 from .errors import ApiError
 
@@ -103,7 +102,8 @@ async def queue(engine, messages: list[Message], sampling: SamplingConfig, image
 
 
 def overflow_error(e: ContextOverflow) -> ApiError:
-    return ApiError(400, str(e), param="messages", code="context_length_exceeded")  # OpenAI's code
+    return ApiError(400, f"{e}: send fewer or shorter messages, or start the server with a larger --n-ctx",
+                    param="messages", code="context_length_exceeded")  # OpenAI's code
 
 
 async def start(engine, messages: list[Message], sampling: SamplingConfig, active: set,

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from ..runtime.generation import Message
+from ..runtime import Message
 from . import generation
 from .attached_files import strip_listing
 from .errors import ApiError

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..runtime.generation import Message
+from ..runtime import Message
 from . import generation
 from .errors import ApiError, error_body
 from .attached_files import strip_listing

@@ -10,7 +10,7 @@ import threading
 import uvicorn
 
 from ..errors import UserError
-from ..runtime.engine import Engine, EngineConfig
+from ..runtime import Engine, EngineConfig, Model
 from .app import create_app
 from .config import ServerConfig
 
@@ -43,12 +43,13 @@ class _Server(uvicorn.Server):
             print(f"llava-edge serve: {self.cfg.model_name} on http://{host}:{port}", flush=True)
 
 
-def serve(bundle_dir: str | os.PathLike | None, engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
+def serve(model: Model, engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
+    """Serve the model until a signal; the model is the caller's (it stays open)."""
     if cfg.max_images < 1 or engine_cfg.parallel < 1 or engine_cfg.queue < 0 or not 0 <= cfg.port <= 65535:
         raise UserError("--parallel and --max-images must be at least 1, --queue at least 0, --port in 0..65535")
     if cfg.media_dir is not None and not os.path.isdir(cfg.media_dir):
         raise UserError(f"--media-dir {cfg.media_dir}: not a directory")
-    engine = Engine.open(bundle_dir, engine_cfg)
+    engine = Engine(model, engine_cfg)
     try:
         engine.start()
         app = create_app(engine, cfg)

@@ -14,14 +14,14 @@ The request's log line says both (`truncated=N` messages, `prompt_cut=P` positio
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
-from ..errors import ContextOverflow
-from ..runtime.generation import Message
-from . import generation
+import anyio
 
-MAX_CUTS = 8  # tries at cutting the last message; each estimates its cut from the ones before
+from ..errors import UserError
+from ..runtime import Message
+from . import generation
+from .errors import ApiError
 
 
 @dataclass
@@ -31,47 +31,55 @@ class Fitted:
     cut_from: int = 0  # positions of the prompt before its last message was cut (0: not cut)
 
 
+@dataclass
+class Fit:
+    messages: list[Message]
+    n_dropped: int = 0
+    cut_from: int = 0
+
+
 def without_oldest(messages: list[Message], n: int) -> list[Message]:
     """The conversation less its `n` oldest messages; the system messages among them stay, in front."""
     return [m for m in messages[:n] if m.role == "system"] + messages[n:]
 
 
-async def start_fitting(engine, messages: list[Message], sampling, active: set, image_tokens=None) -> Fitted:
-    overflow = None
+def fit(engine, messages: list[Message], max_tokens: int, image_tokens=None) -> Fit:
+    """Where to cut, counted with the engine's own renderer (no image is read or encoded): the fewest oldest
+    messages dropped, then the shortest start of the last message's text."""
+    def size(ms: list[Message]) -> int:
+        return engine.count_positions(ms, image_tokens)
+
+    n_ctx = engine.n_ctx_seq
     for n in range(len(messages)):
         if n > 0 and messages[n - 1].role == "system":
             continue  # that message stays: the same prompt as the try before
-        try:
-            gen = await generation.queue(engine, without_oldest(messages, n), sampling, image_tokens)
-        except ContextOverflow as e:
-            overflow = e
-            continue
-        return Fitted(generation.Running(gen, active), sum(m.role != "system" for m in messages[:n]))
+        kept = without_oldest(messages, n)
+        if size(kept) < n_ctx:
+            return Fit(kept, sum(m.role != "system" for m in messages[:n]))
     kept = without_oldest(messages, len(messages) - 1)
-    gen = await cut_last_message(engine, kept, sampling, overflow, image_tokens)
-    return Fitted(generation.Running(gen, active), sum(m.role != "system" for m in messages[:-1]),
-                  overflow.n_positions)
+    n_dropped = sum(m.role != "system" for m in messages[:-1])
+    last, text = kept[-1], kept[-1].text
+    room = n_ctx - min(max_tokens, n_ctx // 4)  # what the prompt may take, leaving room for an answer
+
+    def cut(k: int) -> list[Message]:
+        return kept[:-1] + [replace(last, text=text[k:])]
+
+    low, high = 1, max(1, len(text) - 1)  # cut at least one character, keep at least one
+    if size(cut(high)) > room:  # the images and the template alone do not fit: the engine refuses it
+        return Fit(cut(high), n_dropped)
+    while low < high:  # the fewest characters cut that fit (fewer characters never take more positions)
+        mid = (low + high) // 2
+        if size(cut(mid)) <= room:
+            high = mid
+        else:
+            low = mid + 1
+    return Fit(cut(low), n_dropped, size(kept))
 
 
-async def cut_last_message(engine, messages: list[Message], sampling, overflow: ContextOverflow, image_tokens=None):
-    """Queue `messages` with the start of the last one's text cut until the prompt fits with room to answer."""
-    last = messages[-1]
-    budget = overflow.n_ctx - min(sampling.max_tokens, overflow.n_ctx // 4)
-    text = last.text
-    # positions per character of text: first the whole prompt's less its images', then measured between the
-    # last two tries (secant)
-    n_image_positions = engine.bundle.vision.n_image_tokens * sum(len(m.images) for m in messages)
-    slope = max(1, overflow.n_positions - n_image_positions) / max(1, sum(len(m.text) for m in messages))
-    for _ in range(MAX_CUTS):
-        before = (len(text), overflow.n_positions)
-        # 10% more than the estimate: the template's positions, counted as text's, make it short
-        text = text[max(1, math.ceil(1.1 * (overflow.n_positions - budget) / slope)):]
-        if not text:
-            break
-        try:
-            return await generation.queue(engine, messages[:-1] + [replace(last, text=text)], sampling, image_tokens)
-        except ContextOverflow as e:
-            overflow = e
-        if before[1] > overflow.n_positions:
-            slope = (before[1] - overflow.n_positions) / (before[0] - len(text))
-    raise generation.overflow_error(overflow)  # the images and the template alone do not fit
+async def start_fitting(engine, messages: list[Message], sampling, active: set, image_tokens=None) -> Fitted:
+    try:
+        fitted = await anyio.to_thread.run_sync(fit, engine, messages, sampling.max_tokens, image_tokens)
+    except UserError as e:
+        raise ApiError(400, str(e)) from None
+    running = await generation.start(engine, fitted.messages, sampling, active, image_tokens)
+    return Fitted(running, fitted.n_dropped, fitted.cut_from)

@@ -1,4 +1,4 @@
-"""What the engine needs of a GGUF decoder's vocabulary: its tokenizer, token pieces, vocab size and input width.
+"""The tokenizer of an open GGUF decoder: text to token ids, token ids to bytes, its vocab size and input width.
 
 Evaluating positions is the executor's job (executor.py); this reads the model only. No torch.
 """
@@ -10,7 +10,7 @@ import ctypes
 import llama_cpp
 
 
-class Decoder:
+class Tokenizer:
     def __init__(self, llm: llama_cpp.Llama):
         self.llm = llm
         self.n_vocab = llm.n_vocab()
