@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from llava_edge.runtime.bundle import DEMO_BUNDLE
+from llava_edge.paths import DEMO_BUNDLE
 
 ROOT = Path(__file__).parents[1]
 DATA = Path(__file__).parent / "data"
@@ -206,6 +206,23 @@ def test_bundle_with_a_wrong_sha256(tmp_path):
 
 def test_not_a_bundle(tmp_path):
     assert_user_error(chat(GREEN, "--bundle", tmp_path, "--prompt", COLOR_Q), "no manifest.json")
+    assert_user_error(chat(GREEN, "--bundle", ROOT / "README.md", "--prompt", COLOR_Q), "README.md: not a directory")
+    assert_user_error(chat(GREEN, "--bundle", tmp_path / "nowhere", "--prompt", COLOR_Q), "not found")
+
+
+def test_every_image_token_asked_for_by_number_is_the_default():
+    """K = the image's token count (the demo's 64) is every token: the answer the default gives."""
+    every, default = chat(GREEN, "--prompt", COLOR_Q, "--image-tokens", "64"), chat(GREEN, "--prompt", COLOR_Q)
+    assert every.returncode == default.returncode == 0, every.stderr
+    assert every.stdout == default.stdout == "Green\n"
+
+
+def test_a_context_past_the_trained_one_is_cut_with_a_note():
+    proc = chat(GREEN, "--prompt", COLOR_Q, "--n-ctx", "100000")
+    assert proc.returncode == 0 and proc.stdout == "Green\n", proc.stderr
+    assert "n-ctx 100000 is more than the model was trained on; using 512" in proc.stderr
+    too_long = chat(GREEN, "--prompt", "square " * 1000, "--n-ctx", "1024")
+    assert too_long.returncode == 2 and "the context holds 512 per conversation (n-ctx 1024 was cut" in too_long.stderr
 
 
 def test_vision_n_embd_differs_from_the_decoders(tmp_path):
@@ -229,4 +246,4 @@ def test_bad_options():
     assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--device", "npu"), "unknown device")
     assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--max-tokens", "0"), "max tokens")
     assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--image-tokens", "0"), "whole number from")
-    assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--image-tokens", "64"), "an image is 64 tokens")
+    assert_user_error(chat(GREEN, "--prompt", COLOR_Q, "--image-tokens", "65"), "an image is 64 tokens")

@@ -16,7 +16,8 @@ from hide_modules import cli_without
 
 from llava_edge.errors import UserError
 from llava_edge.image import max_file_bytes
-from llava_edge.runtime.bundle import DEMO_BUNDLE, open_bundle
+from llava_edge.paths import DEMO_BUNDLE
+from llava_edge.runtime.bundle import open_bundle
 
 ROOT = Path(__file__).parents[1]
 GREEN = ROOT / "examples" / "green_triangle.png"

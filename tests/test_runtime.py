@@ -16,7 +16,8 @@ from llava_edge.errors import UserError
 from llava_edge.export import pipeline
 from llava_edge.image import load_image, preprocess
 from llava_edge.reference.checkpoint import load_checkpoint
-from llava_edge.runtime.bundle import DEMO_BUNDLE, open_bundle
+from llava_edge.paths import DEMO_BUNDLE
+from llava_edge.runtime.bundle import open_bundle
 from llava_edge.runtime.sampling import SamplingConfig, sample_token
 from llava_edge.runtime.session import ChatSession
 from llava_edge.runtime.vision import EmbeddingCache, VisionEncoder, choose_providers

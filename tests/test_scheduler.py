@@ -260,7 +260,7 @@ def test_with_embedded_text_the_text_around_an_image_shares_its_decode():
         submit(s, job(PROMPT))
         s.admit()
     first = plain.plan(512)
-    assert [e.token for e in first.tokens] == [1, 10, 11] and (first.image.begin, first.image.end) == (3, 11)
+    assert [e.token for e in first.tokens] == [1, 10, 11] and (first.embeddings.begin, first.embeddings.end) == (3, 11)
     plan = embedded.plan(512)  # one decode of 14 rows instead of three decodes
     assert plan.tokens == [] and (plan.embeddings.begin, plan.embeddings.end, plan.embeddings.wants_logits) == (0, 14, True)
 

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from llava_edge.runtime.bundle import DEMO_BUNDLE
+from llava_edge.paths import DEMO_BUNDLE
 from server_process import EXAMPLES, SUFFIX, chat_cli_answer, image_part
 
 TRIANGLE = EXAMPLES / "green_triangle.png"

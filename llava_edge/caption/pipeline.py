@@ -55,7 +55,7 @@ def context_per_sequence(model: Model, prompt: str, max_tokens: int) -> int:
     """Positions one caption can need (the prompt's bytes bound its tokens), at most the engine's default: N
     sequences of the model's whole context would cost N times its KV cache for nothing."""
     text = render_messages(model.bundle.template, [("user", prompt, 1)])
-    needed = model.image_budget(None).n_tokens + len(text.encode()) + 1 + max_tokens
+    needed = model.n_image_tokens + len(text.encode()) + 1 + max_tokens
     return min(needed, model.context_length())
 
 

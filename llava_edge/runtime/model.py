@@ -97,6 +97,11 @@ class Model:
         self._decoders.append(llm)
         return llm
 
+    @property
+    def decoders(self) -> tuple[llama_cpp.Llama, ...]:
+        """The llama.cpp contexts open on this model."""
+        return tuple(self._decoders)
+
     def close_decoder(self, llm: llama_cpp.Llama) -> None:
         if llm in self._decoders:
             self._decoders.remove(llm)
