@@ -32,7 +32,7 @@ from pathlib import Path
 from ..runtime.bundle import open_bundle
 from .caption_case import native_output_to
 from .device import describe
-from .server_case import Images
+from .server_clients import Images
 
 QUESTION = "Describe the image."
 
