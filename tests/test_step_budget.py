@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from llava_edge.runtime.scheduler import Budget
-from llava_edge.runtime.step_budget import StepCost, prefill_budget
+from llava_edge.runtime.scheduler import Budget, Job, Scheduler
+from llava_edge.runtime.step_budget import StepCost, plan_step, prefill_budget
 
 
 def measured(samples) -> StepCost:
@@ -83,3 +83,47 @@ def test_background_prefill_unsure_is_priced_at_the_dearest_position_seen():
     assert prefill_budget(512, StepCost(), 0, 0.25, 3.0, background=True) == Budget(32, 32)  # unmeasured: small
     cost = measured([(32, 0.5 + 0.01 * 32)])  # one size: not sure; 25 ms per position at worst
     assert prefill_budget(512, cost, 0, 0.25, 3.0, background=True) == Budget(117, 117)
+
+
+def admitted(n_batch: int, *prompts: tuple[list, dict]) -> Scheduler:
+    s = Scheduler(n_slots=len(prompts), queue_limit=4, n_batch=n_batch, embed_text=True)
+    for keys, spans in prompts:
+        s.reserve()
+        s.submit(Job(list(keys), dict(spans)))
+    s.admit()
+    return s
+
+
+def image_prompt(name: str, before: int, n: int, after: int) -> tuple[list, dict]:
+    keys = list(range(100, 100 + before)) + [("image", name, i) for i in range(n)] + list(range(200, 200 + after))
+    return keys, {before: n}
+
+
+def test_the_next_images_chunk_waits_for_the_first_token_of_the_answer_before_it():
+    """A text prompt ends in this step's token decode: a chunk of the image after it, which leaves that prompt
+    unfinished, would delay the answer's first token (a prompt that ends in the same step joins the answers)."""
+    s = admitted(64, (list(range(1, 6)), {}), image_prompt("b", 2, 40, 3))
+    assert plan_step(s, StepCost(), 64, 0.25, 3.0).image.end == 45
+    s = admitted(64, (list(range(1, 6)), {}), image_prompt("b", 2, 100, 3))
+    plan = plan_step(s, StepCost(), 64, 0.25, 3.0)
+    assert [e.token for e in plan.tokens] == [1, 2, 3, 4, 5] and plan.image is None
+    s.commit_tokens(plan)
+    s.feed(s.slots[0], 9)
+    plan = plan_step(s, StepCost(), 64, 0.25, 3.0)  # an answer decoding, the model unsure: the serial order
+    assert [e.token for e in plan.tokens] == [9] and plan.image is None
+
+
+def test_a_later_text_prompt_never_overtakes_an_image_waiting_for_its_turn():
+    s = admitted(64, image_prompt("a", 2, 100, 3), (list(range(1, 6)), {}))
+    plan = plan_step(s, StepCost(), 64, 0.25, 3.0)  # nothing decoding: the image takes the whole batch
+    assert plan.image is not None and plan.image.slot.job.arrival == 0 and plan.tokens == []
+    cpu = measured([(n, 0.5 + 0.001 * n) for n in (1, 64, 512)] * 3)  # text would be cheap to ride
+    plan = plan_step(s, cpu, 64, 0.25, 3.0)
+    assert all(e.slot.job.arrival == 0 for e in plan.tokens)
+
+
+def test_prompts_that_end_in_the_same_step_are_evaluated_together():
+    """Continuous batching stays: several short prompts in one decode, then their answers in one decode each step."""
+    s = admitted(64, (list(range(1, 6)), {}), (list(range(11, 16)), {}), (list(range(21, 26)), {}))
+    plan = plan_step(s, StepCost(), 64, 0.25, 3.0)
+    assert len(plan.tokens) == 15 and sum(e.wants_logits for e in plan.tokens) == 3
