@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from llava_edge.runtime.scheduler import (Budget, Job, EngineBusy, Scheduler, StepCost, common_prefix,
-                                          prefill_budget)
+from llava_edge.runtime.scheduler import Budget, EngineBusy, Job, Scheduler, common_prefix
 
 
 def image(name: str, n: int) -> list:
@@ -138,37 +137,6 @@ def test_an_image_chunk_never_exceeds_n_batch():
         if any(e.wants_logits for e in plan.tokens):
             break
     assert sum(sizes) == 10 and sizes[0] == 3 and max(sizes) == 4  # the first shares its step with a text token
-
-
-def test_step_cost_fits_a_fixed_part_and_a_part_per_position():
-    cost = StepCost()
-    assert cost.fit() is None
-    for n in (1, 16, 64, 512, 32):  # a 7B on 2 cores: 0.5 s per decode plus 29 ms per position
-        cost.add(n, 0.5 + 0.029 * n)
-    a, b = cost.fit()
-    assert a == pytest.approx(0.5) and b == pytest.approx(0.029)
-    assert cost.positions_within(1.0) == 17
-    one_size = StepCost()
-    one_size.add(100, 2.0)
-    assert one_size.fit() == (0.0, pytest.approx(0.02))  # one size: all of it per position
-
-
-def test_step_budget_never_slows_a_decoding_answer_past_its_share():
-    cost = StepCost()
-    assert prefill_budget(512, cost, 1, 0.25, 3.0, background=False) == Budget(32, 0)  # unmeasured: small, text
-    for n in (1, 64, 512):  # a CPU: 0.5 s per decode plus 10 ms per position
-        cost.add(n, 0.5 + 0.01 * n)
-    assert prefill_budget(512, cost, 0, 0.25, 3.0, background=False) == Budget(512, 512)  # alone: whole batches
-    # one answer decoding: its 0.51 s step may grow by a quarter, 0.1275 s: 12 text positions, no image decode
-    assert prefill_budget(512, cost, 1, 0.25, 3.0, background=False) == Budget(12, 0)
-    # where a decode's fixed cost is small (a GPU), an image chunk fits too
-    gpu = StepCost()
-    for n in (1, 64, 512):
-        gpu.add(n, 0.01 + 0.0001 * n)
-    assert prefill_budget(512, gpu, 1, 0.25, 3.0, background=False) == Budget(25, 0)
-    assert prefill_budget(512, gpu, 1, 2.0, 3.0, background=False) == Budget(202, 102)
-    assert prefill_budget(512, cost, 0, 0.25, 3.0, background=True) == Budget(250, 250)  # typing: ~3 s steps
-    assert prefill_budget(512, cost, 0, 0.25, 0.1, background=True) == Budget(16, 16)  # never below 16
 
 
 def test_a_plan_without_image_budget_leaves_the_image_for_later():

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from .caption_case import native_output_to
 from .device import describe
-from .server_case import Images
+from .server_clients import Images
 
 QUESTION = "Describe the image."
 

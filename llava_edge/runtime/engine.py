@@ -28,7 +28,8 @@ from .model import ImageBudget, Model
 from .prefix_state import PrefixStates
 from .prompt import DeferredImage, Message, Prompt, PromptRenderer, check_messages
 from .sampling import SamplingConfig
-from .scheduler import EmbeddingChunk, EngineBusy, Job, Scheduler, Slot, StepCost, StepPlan, common_prefix, prefill_budget
+from .scheduler import EmbeddingChunk, EngineBusy, Job, Scheduler, Slot, StepPlan, common_prefix
+from .step_budget import StepCost, plan_step
 from .tokenizer import Tokenizer
 from .vision import EncodedImage
 
@@ -252,10 +253,8 @@ class Engine:
             active = self.scheduler.active()
             if not active:
                 return False
-            budget = prefill_budget(self.n_batch, self.step_cost, sum(s.job.decoding for s in active),
-                                    self.config.decode_slowdown, self.config.prefill_ahead_step_seconds,
-                                    background=any(s.job.prefill_only for s in active))
-            plan = self.scheduler.plan(budget)
+            plan = plan_step(self.scheduler, self.step_cost, self.n_batch, self.config.decode_slowdown,
+                             self.config.prefill_ahead_step_seconds)
             try:
                 self._execute(plan)
             except BaseException as e:

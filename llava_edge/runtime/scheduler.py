@@ -108,66 +108,10 @@ class StepPlan:
         return not self.tokens and self.embeddings is None
 
 
-class StepCost:
-    """How long a decode of n positions takes, as a + b*n, fitted to the decodes measured (least squares, older
-    ones weighing less). On a CPU the fixed part a is large (a 7B's weights are read once per decode: 0.34 s for
-    1 position, 1.3 s for 16, 15 s for 512 on 2 Xeon cores), so a budget from the mean cost per position would
-    shrink to the least efficient size."""
-
-    def __init__(self, decay: float = 0.95):
-        self.decay = decay
-        self._s = [0.0] * 5  # sums of w, w*n, w*t, w*n*n, w*n*t
-
-    def add(self, n: int, seconds: float) -> None:
-        self._s = [self.decay * v for v in self._s]
-        for i, x in enumerate((1.0, n, seconds, n * n, n * seconds)):
-            self._s[i] += x
-
-    def fit(self) -> tuple[float, float] | None:
-        """(a, b), or None before anything was measured."""
-        w, sn, st, snn, snt = self._s
-        if w == 0 or sn == 0:
-            return None
-        det = w * snn - sn * sn
-        b = (w * snt - sn * st) / det if det > 1e-9 * w * snn else st / sn
-        if b <= 0:  # one size only, or noise: all of it per position
-            return 0.0, st / sn
-        return max(0.0, (st - b * sn) / w), b
-
-    def positions_within(self, seconds: float) -> int | None:
-        fit = self.fit()
-        return None if fit is None else int((seconds - fit[0]) / fit[1] + 1e-6)
-
-
 @dataclass
 class Budget:
     tokens: int  # prefill positions that may ride in the token decode
     image: int  # positions in this step's own embeddings decode (0: none this step)
-
-
-def prefill_budget(n_batch: int, cost: StepCost, n_decoding: int, slowdown: float, background_seconds: float,
-                   background: bool) -> Budget:
-    """Prefill positions one step may take.
-
-    Alone, a prefill takes whole batches (fastest per position). While answers are being written, prefill rides
-    along only as far as it slows their next token by at most `slowdown` (0.25: a quarter) at the measured cost:
-    text positions in the same decode; an image chunk, which needs a decode of its own (its fixed cost too), only
-    where that fits. On a 2-core CPU running a 7B that is a few text tokens and no image: a decoding answer is
-    finished first, which gives the lowest mean latency where batching saves little. A prefill nobody waits on yet
-    (the chat's, while the user types) is held to steps of about background_seconds, so that stopping it is quick."""
-    fit = cost.fit()
-    if n_decoding == 0 and not background:
-        return Budget(n_batch, n_batch)
-    if fit is None:  # not measured yet: a small first step measures it
-        return Budget(min(n_batch, 32), 0 if n_decoding else min(n_batch, 32))
-    a, b = fit
-    if n_decoding == 0:
-        n = max(16, min(n_batch, int((background_seconds - a) / b + 1e-6)))
-        return Budget(n, n)
-    allowed = slowdown * (a + b * n_decoding)  # seconds this step may add to the decode
-    tokens = max(0, min(n_batch - n_decoding, int(allowed / b + 1e-6)))
-    image = int((allowed - a) / b + 1e-6)
-    return Budget(tokens, min(n_batch, image) if image >= 16 else 0)
 
 
 def _chunk_end(job: Job, begin: int, limit: int) -> int:
