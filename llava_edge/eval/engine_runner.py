@@ -1,0 +1,60 @@
+"""A benchmark's questions answered by the bundle: one engine, N slots, the queue kept full (N decoding, N
+waiting), each finished answer handed to `done` as it comes (the caller appends it to the predictions file).
+Ctrl-C or SIGTERM stops after the answers in hand, as a caption run does."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from ..caption.pipeline import StopOnSignal, context_per_sequence
+from ..errors import UserError
+from ..runtime import Engine, EngineConfig, Message, SamplingConfig
+from ..runtime.bundle import DEMO_BUNDLE, open_bundle
+from .items import Question
+
+
+def open_engine(bundle_dir: str | None, questions: list[Question], parallel: int, max_tokens: int,
+                threads: int | None, device: str) -> Engine:
+    """An engine whose contexts fit the longest prompt of the set (the engine asks for K per request)."""
+    bundle = open_bundle(bundle_dir or DEMO_BUNDLE, verify=False)  # verified by Engine.open
+    longest = max((q.prompt for q in questions), key=lambda p: len(p.encode()))
+    return Engine.open(bundle_dir, EngineConfig(
+        parallel=parallel, n_ctx=context_per_sequence(bundle, longest, max_tokens), threads=threads,
+        queue=2 * parallel, device=device))
+
+
+def answer_with_engine(engine: Engine, questions: list[Question], image_tokens: int | None, max_tokens: int,
+                       done: Callable[[Question, str, float], None], stop: StopOnSignal | None = None) -> int:
+    """Answer every question (greedy) unless stopped; returns how many answers the engine failed (no line for
+    them: a rerun asks them again)."""
+    stopped = (lambda: stop.requested) if stop is not None else (lambda: False)
+    sampling = SamplingConfig(max_tokens=max_tokens, temperature=0.0)
+    parallel = engine.config.parallel
+    todo = deque(questions)
+    inflight: deque = deque()
+    failed = 0
+    engine.start()
+    try:
+        while (todo or inflight) and not stopped():
+            while todo and len(inflight) < 2 * parallel:
+                q = todo.popleft()
+                try:
+                    gen = engine.generate([Message("user", q.prompt, [q.image])], sampling, image_tokens=image_tokens)
+                except UserError as e:
+                    raise UserError(f"question_id {q.key}: {e}") from None
+                inflight.append((q, gen))
+            inflight[0][1].wait(0.05)
+            for entry in [e for e in inflight if e[1].finished]:
+                inflight.remove(entry)
+                q, gen = entry
+                if gen.error is not None:
+                    failed += 1
+                else:
+                    done(q, gen.answer.text, gen.answer.timings.ttft_ms)
+    finally:
+        for _, gen in inflight:
+            gen.cancel()
+    return failed
+
+

@@ -1,0 +1,193 @@
+"""One `llava-edge eval` run: the benchmark's questions, the reference's answers (a callable the command passes
+in, so that this package stays torch-free) and the bundle's at each K of the sweep, every answer appended to the
+predictions file as it comes and read back from it on a rerun; then each side scored."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from ..caption.pipeline import StopOnSignal
+from ..errors import UserError
+from .benchmarks import QuestionSet, load_benchmark
+from .engine_runner import answer_with_engine, open_engine
+from .items import Question
+from .predictions import answers_of, compared_answers, open_predictions, record
+
+# (image file or bytes, prompt) pairs and K (None: all) → answers in order: the reference side
+Reference = Callable[[Iterable[tuple[str | bytes, str]], "int | None"], Iterator[str]]
+
+
+@dataclass
+class EvalConfig:
+    benchmark: str
+    data: str
+    bundle: str | None = None
+    ckpt: str | None = None
+    compare: str | None = None  # an earlier run's --predictions: its answers are the reference column
+    image_tokens: list[int | None] = field(default_factory=lambda: [None])  # the bundle's sweep (None: all)
+    parallel: int = 4
+    limit: int | None = None
+    predictions: str | None = None
+    max_tokens: int = 128  # LLaVA's model_vqa_loader default
+    threads: int | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.bundle is None and self.ckpt is None:
+            raise UserError("pass --bundle (edge runtime), --ckpt (reference model), or both")
+        if self.compare is not None and self.ckpt is not None:
+            raise UserError("--compare takes the reference's answers from a file: leave out --ckpt")
+        if self.compare is not None and self.bundle is None:
+            raise UserError("--compare sets a bundle beside earlier answers: pass --bundle too")
+        for name in ("parallel", "max_tokens", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+
+
+@dataclass
+class SideResult:
+    side: str  # "reference" or "bundle"
+    model: str
+    image_tokens: int | None
+    metrics: dict[str, float]
+    answers: dict[str, str]
+    ttft_ms: float | None  # median first-answer time of the engine's answers (None: not measured)
+
+
+@dataclass
+class EvalRun:
+    benchmark: str
+    questions: int
+    results: list[SideResult]
+    interrupted: bool = False
+    failed: int = 0
+
+
+def bundle_model(bundle_dir: str | None) -> tuple[str, int]:
+    """A bundle's name in the predictions file (its graph and decoder hashes) and its image's token count."""
+    from ..runtime.bundle import DEMO_BUNDLE, open_bundle
+
+    bundle = open_bundle(bundle_dir or DEMO_BUNDLE, verify=False)
+    files = bundle.manifest["files"]
+    return f"bundle:{files['vision']['sha256'][:12]}-{files['decoder']['sha256'][:12]}", bundle.vision.n_image_tokens
+
+
+def reference_model(ckpt: str) -> str:
+    where = os.path.abspath(ckpt) if os.path.exists(ckpt) else ckpt
+    return f"ckpt:{where}"
+
+
+def run_eval(cfg: EvalConfig, reference: Reference | None = None) -> EvalRun:
+    qset = load_benchmark(cfg.benchmark, cfg.data, cfg.limit)
+    with tempfile.TemporaryDirectory(prefix="llava-edge-eval-") as tmp:
+        results = open_predictions(cfg.predictions or os.path.join(tmp, "predictions.jsonl"))
+        run = EvalRun(cfg.benchmark, len(qset.questions), [])
+        stop = StopOnSignal()
+        try:
+            if cfg.compare is not None:
+                model, answers = compared_answers(cfg.compare, cfg.benchmark, qset.questions)
+                run.results.append(SideResult("reference", model, None, qset.score(answers), answers, None))
+            if cfg.ckpt is not None:
+                if reference is None:
+                    raise UserError("--ckpt needs the reference model (pip install 'llava-edge[train]')")
+                run_reference(cfg, qset, reference, results, run, stop)
+            if cfg.bundle is not None and not stop.requested:
+                run_bundle(cfg, qset, results, run, stop)
+            run.interrupted = stop.requested
+        finally:
+            stop.restore()
+            results.close()
+    return run
+
+
+def _bar(cfg: EvalConfig, desc: str, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="q", desc=desc, file=sys.stderr, dynamic_ncols=True,
+                smoothing=0.1, disable=not cfg.progress)
+
+
+def _collect(qset: QuestionSet, results, run: EvalRun, side: str, model: str, k: int | None) -> None:
+    """Score a side once every question has its line."""
+    lines = answers_of(results, qset.benchmark, model, k)
+    if all(q.key in lines for q in qset.questions):
+        answers = {q.key: lines[q.key]["answer"] for q in qset.questions}
+        times = [lines[q.key]["ttft_ms"] for q in qset.questions if lines[q.key].get("ttft_ms") is not None]
+        run.results.append(SideResult(side, model, k, qset.score(answers), answers,
+                                      statistics.median(times) if times else None))
+
+
+def _writer(qset, results, model, side, k, bar):
+    def done(question: Question, answer: str, ttft_ms: float | None) -> None:
+        line = record(qset.benchmark, model, side, k, question, answer, ttft_ms)
+        results.append(line)
+        results.lines[(qset.benchmark, model, k, question.key)] = line
+        bar.update(1)
+    return done
+
+
+def run_reference(cfg: EvalConfig, qset: QuestionSet, reference: Reference, results, run: EvalRun,
+                  stop: StopOnSignal) -> None:
+    model = reference_model(cfg.ckpt)
+    have = answers_of(results, qset.benchmark, model, None)
+    todo = [q for q in qset.questions if q.key not in have]
+    bar = _bar(cfg, f"{qset.benchmark} reference", len(qset.questions), len(qset.questions) - len(todo))
+    done = _writer(qset, results, model, "reference", None, bar)
+    try:
+        if todo:
+            for q, answer in zip(todo, reference(((q.image, q.prompt) for q in todo), None)):
+                done(q, answer, None)
+                if stop.requested:
+                    break
+    finally:
+        bar.close()
+    _collect(qset, results, run, "reference", model, None)
+
+
+def run_bundle(cfg: EvalConfig, qset: QuestionSet, results, run: EvalRun, stop: StopOnSignal) -> None:
+    model, n_tokens = bundle_model(cfg.bundle)
+    sweep = list(dict.fromkeys(None if k in (None, n_tokens) else k for k in cfg.image_tokens))  # K = all: None
+    engine = None
+    try:
+        for k in sweep:
+            have = answers_of(results, qset.benchmark, model, k)
+            todo = [q for q in qset.questions if q.key not in have]
+            if todo and not stop.requested:
+                engine = engine or open_engine(cfg.bundle, qset.questions, cfg.parallel, cfg.max_tokens, cfg.threads,
+                                               cfg.device)
+                bar = _bar(cfg, f"{qset.benchmark} bundle K={k or n_tokens}", len(qset.questions),
+                           len(qset.questions) - len(todo))
+                try:
+                    run.failed += answer_with_engine(engine, todo, k, cfg.max_tokens,
+                                                     _writer(qset, results, model, "bundle", k, bar), stop)
+                finally:
+                    bar.close()
+            _collect(qset, results, run, "bundle", model, k)
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+
+
+def parse_sweep(text: str | None) -> list[int | None]:
+    """--image-tokens "576,192,64" (or "all", or one number) as the sweep; "all" is None, every token."""
+    if text is None:
+        return [None]
+    sweep = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part == "all":
+            sweep.append(None)
+        elif part.isdigit():
+            sweep.append(int(part))
+        else:
+            raise UserError(f"--image-tokens takes whole numbers or 'all', comma-separated (got {text!r})")
+    return sweep
