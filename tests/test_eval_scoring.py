@@ -38,8 +38,8 @@ def png(path: Path | None = None, color=(200, 30, 30)) -> bytes:
 # ----------------------------------------------------------------------------- POPE
 
 POPE_LABELS = ["yes", "yes", "yes", "yes", "yes", "no", "no", "no", "no", "no"]
-# TP 3 (ids 0-2), FN 2 (3: "No.", 4: "not sure"), FP 1 (5: "Yes, there is no doubt"), TN 4
-POPE_ANSWERS = ["Yes", "Yes.", "yes it is", "No.", "There is not one", "Yes, there is no doubt. No.", "No", "no",
+# TP 3 (0-2), FN 2 (3 "No.", 4 "not"), FP 1 (5: a second sentence does not count), TN 4 (9: "no" mid-sentence)
+POPE_ANSWERS = ["Yes", "Yes.", "yes it is", "No.", "There is not one", "Yes, there is one. No.", "No", "no",
                 "No, there is not.", "I see no cat"]
 
 
