@@ -70,13 +70,16 @@ class EvalRun:
     failed: int = 0
 
 
-def bundle_model(bundle_dir: str | None) -> tuple[str, int]:
-    """A bundle's name in the predictions file (its graph and decoder hashes) and its image's token count."""
-    from ..runtime.bundle import DEMO_BUNDLE, open_bundle
+def bundle_model(bundle_dir: str | None, sweep: list[int | None]) -> tuple[str, list[int | None], int]:
+    """A bundle's name in the predictions file (its graph and decoder hashes), the sweep checked against it (K equal
+    to the image's token count is every token: None), and that token count."""
+    from ..runtime.bundle import DEMO_BUNDLE, checked_image_tokens, open_bundle
 
     bundle = open_bundle(bundle_dir or DEMO_BUNDLE, verify=False)
-    files = bundle.manifest["files"]
-    return f"bundle:{files['vision']['sha256'][:12]}-{files['decoder']['sha256'][:12]}", bundle.vision.n_image_tokens
+    files, n_tokens = bundle.manifest["files"], bundle.vision.n_image_tokens
+    checked = [checked_image_tokens(bundle.path, bundle.vision, None if k == n_tokens else k) for k in sweep]
+    return (f"bundle:{files['vision']['sha256'][:12]}-{files['decoder']['sha256'][:12]}", list(dict.fromkeys(checked)),
+            n_tokens)
 
 
 def reference_model(ckpt: str) -> str:
@@ -152,8 +155,7 @@ def run_reference(cfg: EvalConfig, qset: QuestionSet, reference: Reference, resu
 
 
 def run_bundle(cfg: EvalConfig, qset: QuestionSet, results, run: EvalRun, stop: StopOnSignal) -> None:
-    model, n_tokens = bundle_model(cfg.bundle)
-    sweep = list(dict.fromkeys(None if k in (None, n_tokens) else k for k in cfg.image_tokens))  # K = all: None
+    model, sweep, n_tokens = bundle_model(cfg.bundle, cfg.image_tokens)
     engine = None
     try:
         for k in sweep:
