@@ -103,3 +103,18 @@ def test_a_missing_image_is_one_line_and_exit_2(tmp_path):
     proc = run_eval("pope", data, "--bundle", DEMO / "bundle")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "llava_pope_test.jsonl" in proc.stderr and "COCO_val2014_000000000001.jpg" in proc.stderr
+
+
+def test_ctrl_c_stops_with_130_and_the_rerun_finishes(pope_dir, whole_run, tmp_path):
+    out = tmp_path / "interrupted.jsonl"
+    proc = subprocess.Popen(eval_cmd("pope", pope_dir, "--bundle", DEMO / "bundle", "--parallel", "4",
+                                     "--predictions", out),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not (out.exists() and out.read_bytes().count(b"\n") >= 4):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    again = run_eval("pope", pope_dir, "--bundle", DEMO / "bundle", "--predictions", out, "--json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(r["question_id"] for r in lines_of(out)) == sorted(r["question_id"] for r in lines_of(whole_run[1]))
