@@ -164,6 +164,18 @@ def test_mmbench_single_pass_right_circular_wrong(tmp_path):
     assert mmbench.score(qs, {qs[0].key: "B.", qs[1].key: "A", qs[2].key: "C. Square"})["circular"] == 1.0
 
 
+def test_mmbench_reads_fields_quoted_as_pandas_writes_them(tmp_path):
+    import csv
+
+    with (tmp_path / "q.tsv").open("w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")  # pandas' to_csv quotes the same way (minimal)
+        writer.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
+        writer.writerow([1, 'Which "shape"\tis it?', "Line one\nline two", "Circle", "Square", "None", "", "A", "c",
+                         base64.b64encode(png()).decode()])
+    qs = load_benchmark("mmbench", tmp_path / "q.tsv").questions
+    assert len(qs) == 2 and qs[0].prompt.startswith('Line one\nline two\nWhich "shape"\tis it?\nA. Circle\nB. Square\n')
+
+
 def test_mmbench_built_from_the_shapes_world(sets):
     qs = load_benchmark("mmbench", sets["mmbench"]).questions
     indices = {q.meta["index"] for q in qs}

@@ -37,7 +37,7 @@ def tsv_file(data: Path) -> Path:
 def read_rows(path: Path) -> list[dict]:
     csv.field_size_limit(sys.maxsize)  # the base64 images are megabytes long
     with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        reader = csv.DictReader(f, delimiter="\t")  # quoted as pandas writes it (LLaVA reads it with read_table)
         absent = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if absent:
             raise UserError(f"{path}: no column {absent[0]!r} (an MMBench TSV has {', '.join(COLUMNS)}, C, D)")
