@@ -240,3 +240,40 @@ def test_unknown_benchmark_and_missing_data(tmp_path):
         load_benchmark("vqav2", tmp_path)
     with pytest.raises(UserError, match="llava_pope_test.jsonl: not found"):
         load_benchmark("pope", tmp_path)
+
+
+# ----------------------------------------------------------------------------- the table, the sweep, --compare
+
+
+def test_table_delta_and_identical_share():
+    from llava_edge.eval.run import EvalRun, SideResult
+    from llava_edge.eval.table import markdown_table, rows_of
+
+    ref = SideResult("reference", "ckpt:x", None, {"perception": 150.0, "cognition": 40.0}, {"a": "Yes", "b": "No"}, None)
+    k32 = SideResult("bundle", "bundle:y", 32, {"perception": 125.5, "cognition": 40.0}, {"a": "Yes", "b": "Yes"}, 9.0)
+    rows = rows_of(EvalRun("mme", 2, [ref, k32]))
+    assert [(r.metric, r.delta, r.identical) for r in rows] == [("perception", -24.5, 0.5), ("cognition", 0.0, 0.5)]
+    assert "| mme | perception | 32 | 150.0 | 125.5 | -24.5 | 50.0% |" in markdown_table(rows)
+
+
+def test_sweep_parsing():
+    from llava_edge.eval.run import parse_sweep
+
+    assert parse_sweep(None) == [None] and parse_sweep("576, 192,64") == [576, 192, 64]
+    assert parse_sweep("all,16") == [None, 16]
+    with pytest.raises(UserError, match="--image-tokens takes whole numbers"):
+        parse_sweep("192,half")
+
+
+def test_compare_needs_every_answer(tmp_path):
+    from llava_edge.eval.items import Question
+    from llava_edge.eval.predictions import compared_answers
+
+    qs = [Question("1", "x.jpg", "q"), Question("2", "x.jpg", "q")]
+    line = {"benchmark": "pope", "model": "ckpt:r", "side": "reference", "image_tokens": None, "question_id": "1",
+            "answer": "Yes"}
+    write_lines(tmp_path / "p.jsonl", [line, {**line, "model": "bundle:b", "side": "bundle", "question_id": "2"}])
+    with pytest.raises(UserError, match=r"p.jsonl: no answer to pope question_id '2'"):
+        compared_answers(tmp_path / "p.jsonl", "pope", qs)
+    write_lines(tmp_path / "p.jsonl", [line, {**line, "question_id": "2", "answer": "No"}])
+    assert compared_answers(tmp_path / "p.jsonl", "pope", qs) == ("ckpt:r", {"1": "Yes", "2": "No"})
