@@ -116,7 +116,7 @@ def test_demo_bundle_answers_like_the_reference(tmp_path):
     """Greedy answers of the shipped bundle on unseen shapes-world images vs the reference on the fp16
     checkpoint it was exported from."""
     from llava_edge.eval.benchmarks import load_benchmark
-    from llava_edge.eval.engine_runner import answer_with_engine, open_engine
+    from llava_edge.eval.engine_runner import answers_of_bundle
     from llava_edge.scoring import load_test_records
     from llava_edge.train.evaluate import answer_questions
     from llava_edge.train.shapes import build_dataset
@@ -126,12 +126,7 @@ def test_demo_bundle_answers_like_the_reference(tmp_path):
     loaded = load_checkpoint(ASSETS)
     ref = answer_questions(loaded.model, loaded.config, loaded.tokenizer_path, records, tmp_path, progress=False)
     questions = load_benchmark("shapes", tmp_path / "test.json").questions
-    engine = open_engine(None, questions, parallel=4, max_tokens=24, threads=THREADS, device="auto")
-    answers = {}
-    try:
-        assert answer_with_engine(engine, questions, None, 24, lambda q, text, _: answers.update({q.key: text})) == 0
-    finally:
-        engine.close()
+    answers = answers_of_bundle(None, questions, parallel=4, max_tokens=24, threads=THREADS)
     got = [answers[q.key] for q in questions]
     same = np.mean([a == b for a, b in zip(ref, got)])
     assert len(records) >= 100 and same >= 0.95, [(a, b) for a, b in zip(ref, got) if a != b]

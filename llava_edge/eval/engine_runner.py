@@ -58,3 +58,19 @@ def answer_with_engine(engine: Engine, questions: list[Question], image_tokens: 
     return failed
 
 
+
+
+def answers_of_bundle(bundle_dir: str | None, questions: list[Question], parallel: int = 4, max_tokens: int = 128,
+                      threads: int | None = None, image_tokens: int | None = None) -> dict[str, str]:
+    """Every question's greedy answer from a bundle, in memory (no predictions file, no signal handling): for
+    scripts and tests."""
+    engine = open_engine(bundle_dir, questions, parallel, max_tokens, threads, "auto")
+    answers: dict[str, str] = {}
+    try:
+        failed = answer_with_engine(engine, questions, image_tokens, max_tokens,
+                                    lambda q, text, _: answers.update({q.key: text}))
+    finally:
+        engine.close()
+    if failed:
+        raise RuntimeError(f"{failed} answers failed in the engine")
+    return answers
