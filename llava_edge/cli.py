@@ -12,6 +12,7 @@ import typer
 from .errors import UserError
 from .extras import require_extra, require_heavy
 from .caption.config import VISION_BATCH, CaptionConfig
+from .eval.config import EvalConfig
 from .runtime.bundle import MAX_DEFAULT_N_CTX
 from .runtime.engine_config import EngineConfig
 from .runtime.sampling import SamplingConfig
@@ -239,11 +240,12 @@ def eval_(
                                                      "column beside --bundle"),
     image_tokens: Optional[str] = typer.Option(None, help="tokens per image for the bundle, or a sweep: 576,192,64 "
                                                           "('all' or the image's token count: every token)"),
-    parallel: int = typer.Option(4, help="answers decoded together by the bundle's engine"),
+    parallel: int = typer.Option(default(EvalConfig, "parallel"),
+                                 help="answers decoded together by the bundle's engine"),
     limit: Optional[int] = typer.Option(None, help="only the first N questions"),
     predictions: Optional[str] = typer.Option(None, help="append every answer here (JSONL); a rerun resumes from it"),
     report: Optional[str] = typer.Option(None, help="write a markdown report (and a PNG when K is swept) here"),
-    max_tokens: int = typer.Option(128, help="most tokens per answer"),
+    max_tokens: int = typer.Option(default(EvalConfig, "max_tokens"), help="most tokens per answer"),
     threads: Optional[int] = typer.Option(None, help="CPU threads"),
     device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
     vision_tower: Optional[str] = typer.Option(None, help="CLIP vision dir for liuhaotian checkpoints"),
@@ -252,7 +254,8 @@ def eval_(
 ):
     """LLaVA-1.5's benchmarks on a bundle, its reference, or both side by side (greedy, LLaVA's prompts and
     answer parsing)."""
-    from .eval.run import EvalConfig, parse_sweep, run_eval
+    from .eval.config import parse_sweep
+    from .eval.run import run_eval
     from .eval.table import as_json as table_json, markdown_table, rows_of
 
     cfg = EvalConfig(benchmark, data, bundle, ckpt, compare, parse_sweep(image_tokens), parallel, limit, predictions,

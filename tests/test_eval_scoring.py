@@ -249,7 +249,8 @@ def test_table_delta_and_identical_share():
     from llava_edge.eval.run import EvalRun, SideResult
     from llava_edge.eval.table import markdown_table, rows_of
 
-    ref = SideResult("reference", "ckpt:x", None, {"perception": 150.0, "cognition": 40.0}, {"a": "Yes", "b": "No"}, None)
+    ref = SideResult("reference", "ckpt:x", None, {"perception": 150.0, "cognition": 40.0}, {"a": "Yes", "b": "No"},
+                     None)
     k32 = SideResult("bundle", "bundle:y", 32, {"perception": 125.5, "cognition": 40.0}, {"a": "Yes", "b": "Yes"}, 9.0)
     rows = rows_of(EvalRun("mme", 2, [ref, k32]))
     assert [(r.metric, r.delta, r.identical) for r in rows] == [("perception", -24.5, 0.5), ("cognition", 0.0, 0.5)]
@@ -257,7 +258,7 @@ def test_table_delta_and_identical_share():
 
 
 def test_sweep_parsing():
-    from llava_edge.eval.run import parse_sweep
+    from llava_edge.eval.config import parse_sweep
 
     assert parse_sweep(None) == [None] and parse_sweep("576, 192,64") == [576, 192, 64]
     assert parse_sweep("all,16") == [None, 16]

@@ -45,8 +45,9 @@ def ground_truth(release: Path) -> list[Question]:
                 parts = line.strip().split("\t")
                 if len(parts) != 2 or parts[1].strip().lower() not in ("yes", "no"):
                     raise UserError(f"{txt}: line {i + 1} is not 'question<TAB>Yes|No': {line!r}")
+                meta = {"task": task, "image": f"{task}/{txt.stem}", "label": parts[1].strip().lower()}
                 questions.append(Question(f"{task}/{txt.stem}/{i}", str(image), f"{bare(parts[0])}\n{SHORT_ANSWER}",
-                                          {"task": task, "image": f"{task}/{txt.stem}", "label": parts[1].strip().lower()}))
+                                          meta))
     if not questions:
         raise UserError(f"{release}: no MME task folders with question files")
     return questions

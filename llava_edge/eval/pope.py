@@ -32,7 +32,8 @@ def load(data: Path) -> list[Question]:
         if category not in CATEGORIES:
             raise UserError(f"{path}: {where}: 'category' must be one of {', '.join(CATEGORIES)}, not {category!r}")
         image = field_of(record, "image", path, where)
-        questions.append(Question(str(qid), image_file(images, image, path, where), field_of(record, "text", path, where),
+        text = field_of(record, "text", path, where)
+        questions.append(Question(str(qid), image_file(images, image, path, where), text,
                                   {"category": category, "image": image}))
     for category in sorted({q.meta["category"] for q in questions}, key=CATEGORIES.index):
         attach_labels([q for q in questions if q.meta["category"] == category], label_file(data, category))
@@ -58,7 +59,8 @@ def attach_labels(questions: list[Question], path: Path) -> None:
             continue
         label = by_content.get((q.meta["image"], q.prompt.split("\n")[0].strip()))
         if label is None:
-            raise UserError(f"{path}: no label for question_id {q.key} ({q.meta['image']}: {q.prompt.splitlines()[0]!r})")
+            raise UserError(f"{path}: no label for question_id {q.key} "
+                            f"({q.meta['image']}: {q.prompt.splitlines()[0]!r})")
         q.meta["label"] = label
 
 
