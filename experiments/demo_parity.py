@@ -21,7 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 from llava_edge.export.pipeline import ExportOptions, export_bundle  # noqa: E402
 from llava_edge.paths import DEMO_CHECKPOINT  # noqa: E402
-from llava_edge.runtime.evaluate import evaluate_bundle  # noqa: E402
+from llava_edge.eval.benchmarks import load_benchmark  # noqa: E402
+from llava_edge.eval.engine_runner import answers_of_bundle  # noqa: E402
+from llava_edge.scoring import score_predictions  # noqa: E402
 from llava_edge.train.evaluate import evaluate  # noqa: E402
 
 
@@ -44,13 +46,20 @@ def main() -> None:
         if not (bundle / "manifest.json").exists():
             export_bundle(ExportOptions(str(DEMO_CHECKPOINT), str(bundle), quant, "auto", None, False, True, args.threads))
         t0 = time.perf_counter()
-        result = evaluate_bundle(bundle, args.data, threads=args.threads, progress=False)
+        result = bundle_result(bundle, args.data, args.threads)
         same = sum(a == s.prediction for a, s in zip(ref_answers, result.samples)) / len(ref_answers)
         manifest = json.loads((bundle / "manifest.json").read_text())
         rows[quant] = {"result": result.summary(), "seconds": time.perf_counter() - t0, "identical": same,
                        "vision_precision": manifest["vision"]["precision"]}
     (work / "demo_parity.json").write_text(json.dumps(rows, indent=2))
     print(table(rows))
+
+
+def bundle_result(bundle: Path, data: str, threads: int):
+    """The bundle's answers to every question (24 tokens at most, as the reference's evaluate), scored."""
+    questions = load_benchmark("shapes", data).questions
+    answers = answers_of_bundle(str(bundle), questions, parallel=1, max_tokens=24, threads=threads)
+    return score_predictions([q.meta["record"] for q in questions], [answers[q.key] for q in questions])
 
 
 def table(rows: dict) -> str:

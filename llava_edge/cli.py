@@ -12,6 +12,7 @@ import typer
 from .errors import UserError
 from .extras import require_extra, require_heavy
 from .caption.config import VISION_BATCH, CaptionConfig
+from .eval.config import EvalConfig
 from .runtime.engine_config import DEFAULT_DEVICE, MAX_DEFAULT_N_CTX, EngineConfig
 from .runtime.sampling import SamplingConfig
 from .server.config import ServerConfig
@@ -224,34 +225,58 @@ def train(
 
 @app.command("eval")
 def eval_(
-    data: str = typer.Option(..., help="test json with question_type and answer per record (shapes world)"),
-    ckpt: Optional[str] = typer.Option(None, help="checkpoint dir or name: score the reference model"),
-    bundle: Optional[str] = typer.Option(None, help="edge bundle dir: score the runtime (ONNX Runtime + llama.cpp)"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for the bundle's runtime"),
+    benchmark: str = typer.Argument(..., help="pope|mme|mmbench|seed|shapes"),
+    data: str = typer.Argument(..., help="the benchmark's files as LLaVA-1.5 lays them out (docs/eval.md), e.g. "
+                                         "playground/data/eval/pope; for shapes, the world's test.json"),
+    bundle: Optional[str] = typer.Option(None, help="edge bundle dir: answer with the runtime"),
+    ckpt: Optional[str] = typer.Option(None, help="checkpoint dir or name: answer with the reference (with --bundle: "
+                                                  "side by side)"),
+    compare: Optional[str] = typer.Option(None, help="an earlier run's --predictions: its answers are the reference "
+                                                     "column beside --bundle"),
+    image_tokens: Optional[str] = typer.Option(None, help="tokens per image for the bundle, or a sweep: 576,192,64 "
+                                                          "('all' or the image's token count: every token)"),
+    parallel: int = typer.Option(default(EvalConfig, "parallel"),
+                                 help="answers decoded together by the bundle's engine"),
+    limit: Optional[int] = typer.Option(None, help="only the first N questions"),
+    predictions: Optional[str] = typer.Option(None, help="append every answer here (JSONL); a rerun resumes from it"),
+    report: Optional[str] = typer.Option(None, help="write a markdown report (and a PNG when K is swept) here"),
+    max_tokens: int = typer.Option(default(EvalConfig, "max_tokens"), help="most tokens per answer"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads"),
+    device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
     vision_tower: Optional[str] = typer.Option(None, help="CLIP vision dir for liuhaotian checkpoints"),
-    limit: Optional[int] = typer.Option(None, help="only the first N records"),
-    predictions: Optional[str] = typer.Option(None, help="write one jsonl line per answer here"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    all_metrics: bool = typer.Option(False, "--all-metrics", help="every metric, not only the paper's"),
 ):
-    """Accuracy per question type and POPE-style yes/no F1 of a checkpoint or a bundle (greedy)."""
-    from .scoring import format_table, write_predictions
+    """LLaVA-1.5's benchmarks on a bundle, its reference, or both side by side (greedy, LLaVA's prompts and
+    answer parsing)."""
+    from .eval.config import parse_sweep
+    from .eval.run import run_eval
+    from .eval.table import as_json as table_json, markdown_table, rows_of
 
-    if (ckpt is None) == (bundle is None):
-        raise UserError("pass exactly one of --ckpt (reference model) or --bundle (edge runtime)")
-    _check_threads(threads)
+    cfg = EvalConfig(benchmark, data, bundle, ckpt, compare, parse_sweep(image_tokens), parallel, limit, predictions,
+                     max_tokens, threads, device)
+    reference = None
     if ckpt is not None:
         require_heavy("eval --ckpt", ("train",))
-    if bundle is not None:
-        from .runtime.evaluate import evaluate_bundle
+        from .train.evaluate import answer_prompts
 
-        result = evaluate_bundle(bundle, data, limit=limit, threads=threads)
-    else:
-        from .train.evaluate import evaluate
+        def reference(items, k):
+            return answer_prompts(ckpt, items, vision_tower=vision_tower, image_tokens=k, max_new_tokens=max_tokens)
+    run = run_eval(cfg, reference)
+    if run.interrupted:
+        typer.echo("llava-edge: interrupted: run the same command again to continue"
+                   + ("" if predictions else " (with --predictions FILE to keep the answers)"), err=True)
+        raise typer.Exit(130)
+    rows = rows_of(run, all_metrics)
+    if report:
+        from .eval.report import write_report
 
-        result = evaluate(ckpt, data, vision_tower=vision_tower, limit=limit)
-    if predictions:
-        write_predictions(result, predictions)
-    typer.echo(json.dumps(result.summary(), indent=2) if as_json else format_table(result))
+        for path in write_report(run, report):
+            typer.echo(f"wrote {path}", err=True)
+    typer.echo(json.dumps(table_json(run, rows), indent=2) if as_json else markdown_table(rows))
+    if run.failed:
+        typer.echo(f"llava-edge: {run.failed} answers failed in the engine; rerun with --predictions to ask them "
+                   "again", err=True)
 
 
 @app.command()

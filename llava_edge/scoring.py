@@ -1,6 +1,6 @@
 """Scoring answers on a shapes-world test set: the answer rules, accuracy per question type and POPE-style
-yes/no metrics. Shared by the reference evaluation (train/evaluate.py) and the bundle's (runtime/evaluate.py),
-so a leaf: no torch, nothing from train/."""
+yes/no metrics. Shared by the reference evaluation (train/evaluate.py) and `llava-edge eval shapes`
+(eval/shapes.py), so a leaf: no torch, nothing from train/."""
 
 from __future__ import annotations
 

@@ -239,7 +239,7 @@ def test_bad_options_are_one_line(tmp_path, args, words):
 def test_one_writer_per_out_file(tmp_path):
     first = ResultFile(tmp_path / "out.jsonl")
     assert first.open() == set()
-    with pytest.raises(UserError, match="another caption run is writing it"):
+    with pytest.raises(UserError, match="another run is writing it"):
         ResultFile(tmp_path / "out.jsonl").open()
     first.close()
     second = ResultFile(tmp_path / "out.jsonl")

@@ -118,7 +118,7 @@ def run_without_torch(*args):
 @pytest.mark.parametrize("args, extra", [
     (["info", "llava-hf/llava-1.5-7b-hf"], "export"),
     (["export", "--ckpt", "x", "--out", "y"], "export"),
-    (["eval", "--ckpt", "x", "--data", "test.json"], "train"),
+    (["eval", "shapes", "test.json", "--ckpt", "x"], "train"),
     (["train", "stage1", "--data", "d.json", "--output-dir", "o"], "train"),
     (["build-demo"], "train,export"),
     (["bench"], "bench"),

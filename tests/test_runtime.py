@@ -113,10 +113,11 @@ def test_new_image_in_the_same_session(demo):
 
 
 @pytest.mark.slow
-def test_demo_bundle_answers_like_the_reference(demo, tmp_path):
+def test_demo_bundle_answers_like_the_reference(tmp_path):
     """Greedy answers of the shipped bundle on unseen shapes-world images vs the reference on the fp16
     checkpoint it was exported from."""
-    from llava_edge.runtime.evaluate import answer_with_bundle
+    from llava_edge.eval.benchmarks import load_benchmark
+    from llava_edge.eval.engine_runner import answers_of_bundle
     from llava_edge.scoring import load_test_records
     from llava_edge.train.evaluate import answer_questions
     from llava_edge.train.shapes import build_dataset
@@ -125,7 +126,9 @@ def test_demo_bundle_answers_like_the_reference(demo, tmp_path):
     records = load_test_records(tmp_path / "test.json")
     loaded = load_checkpoint(ASSETS)
     ref = answer_questions(loaded.model, loaded.config, loaded.tokenizer_path, records, tmp_path, progress=False)
-    got = answer_with_bundle(demo, records, tmp_path, progress=False)
+    questions = load_benchmark("shapes", tmp_path / "test.json").questions
+    answers = answers_of_bundle(None, questions, parallel=4, max_tokens=24, threads=THREADS)
+    got = [answers[q.key] for q in questions]
     same = np.mean([a == b for a, b in zip(ref, got)])
     assert len(records) >= 100 and same >= 0.95, [(a, b) for a, b in zip(ref, got) if a != b]
 

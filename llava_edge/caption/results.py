@@ -1,4 +1,5 @@
-"""The --out JSONL of a caption run: whole lines appended, fsync'd in batches, one writer at a time.
+"""The --out JSONL of a caption run (and eval's --predictions): whole lines appended, fsync'd in batches, one
+writer at a time.
 
 A line is written with one write() of the whole encoded line, newline last, so a killed process leaves at
 most a torn last line without its newline; opening the file again cuts that tail off, and the complete lines
@@ -11,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 from ..errors import UserError
@@ -26,9 +28,19 @@ def done_key(path: str, prompt: str) -> tuple[str, str]:
     return os.path.abspath(path), prompt
 
 
+def caption_key(record: dict) -> tuple[str, str]:
+    return done_key(record["path"], record["prompt"])
+
+
 class ResultFile:
-    def __init__(self, path: str | os.PathLike, fsync_lines: int = 16, fsync_seconds: float = 2.0):
+    """key: what makes a line done (a KeyError or TypeError: not a line of this kind); option: the flag named in
+    errors; lines: after open(), the last complete line of each done key."""
+
+    def __init__(self, path: str | os.PathLike, fsync_lines: int = 16, fsync_seconds: float = 2.0,
+                 key: Callable[[dict], Hashable] = caption_key, option: str = "--out"):
         self.path = Path(path)
+        self.key, self.option = key, option
+        self.lines: dict[Hashable, dict] = {}
         self.fsync_lines, self.fsync_seconds = fsync_lines, fsync_seconds
         self._fd: int | None = None
         self._unsynced = 0
@@ -37,18 +49,18 @@ class ResultFile:
     def open(self) -> set[tuple[str, str]]:
         """Open for appending (created if missing), cut a torn last line, and return the done keys."""
         if self.path.is_dir():
-            raise UserError(f"--out {self.path} is a directory; give a .jsonl file")
+            raise UserError(f"{self.option} {self.path} is a directory; give a .jsonl file")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as e:
-            raise UserError(f"--out {self.path}: cannot open it for writing ({e.strerror or e})") from None
+            raise UserError(f"{self.option} {self.path}: cannot open it for writing ({e.strerror or e})") from None
         if fcntl is not None:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 self.close()
-                raise UserError(f"--out {self.path}: another caption run is writing it") from None
+                raise UserError(f"{self.option} {self.path}: another run is writing it") from None
         with open(self._fd, "rb", closefd=False) as f:
             data = f.read()
         complete = data[: data.rfind(b"\n") + 1]
@@ -57,17 +69,17 @@ class ResultFile:
             os.fsync(self._fd)
             print(f"llava-edge: note: cut a torn last line ({len(data) - len(complete)} bytes) off {self.path}",
                   file=sys.stderr)
-        done, unreadable = set(), 0
+        unreadable = 0
         for line in complete.splitlines():
             try:
                 record = json.loads(line)
-                done.add(done_key(record["path"], record["prompt"]))
+                self.lines[self.key(record)] = record
             except (ValueError, KeyError, TypeError):
                 unreadable += 1
         if unreadable:
-            print(f"llava-edge: note: {unreadable} lines of {self.path} are not caption records; left as they are",
-                  file=sys.stderr)
-        return done
+            print(f"llava-edge: note: {unreadable} lines of {self.path} are not records of this kind; left as they "
+                  "are", file=sys.stderr)
+        return set(self.lines)
 
     def append(self, record: dict) -> None:
         line = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode())

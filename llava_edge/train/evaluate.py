@@ -9,7 +9,7 @@ text stripped. Images are encoded once each, however many questions are asked ab
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +41,9 @@ def prompt_ids(question: str, config: LlavaConfig, encode: Callable[[str], list[
     return tokenize_prompt(prompt, encode, config.text.bos_token_id, config.image_token_index)
 
 
-def pixel_values(image_path: Path, config: LlavaConfig) -> np.ndarray:
-    """[3, S, S] float32, preprocessed as the checkpoint's config says."""
-    image = load_image(image_path)
+def pixel_values(image: Path | bytes, config: LlavaConfig) -> np.ndarray:
+    """[3, S, S] float32 of an image file (or its bytes), preprocessed as the checkpoint's config says."""
+    image = load_image(image)
     return preprocess(image, config.vision.image_size, config.image_mean, config.image_std, config.aspect)
 
 
@@ -67,7 +67,6 @@ def answer_questions(
     from tqdm import tqdm
 
     sp = _sentencepiece(tokenizer_path)
-    n_pieces = sp.get_piece_size()
     image_root = Path(image_root)
     by_image: dict[Path, list[int]] = {}
     for i, record in enumerate(records):
@@ -86,20 +85,43 @@ def answer_questions(
                 embeds = model.encode_images(torch.from_numpy(pixels).to(device, dtype), image_tokens)
             for path, image_embeds in zip(chunk, embeds):
                 for i in by_image[path]:
-                    ids = prompt_ids(question_of(records[i]), config, sp.encode)
-                    out = model.generate(
-                        torch.tensor([ids], device=device),
-                        max_new_tokens=max_new_tokens,
-                        temperature=0.0,
-                        eos_token_id=config.text.eos_token_id,
-                        image_embeds=image_embeds[None],
-                    )
-                    # ids past the SentencePiece vocab are added specials (llava-hf's <image>, <pad>): skipped
-                    answers[i] = sp.decode([t for t in out if 0 <= t < n_pieces]).strip()
+                    answers[i] = greedy_answer(model, config, sp, question_of(records[i]), image_embeds,
+                                               max_new_tokens)
                     bar.update(1)
     finally:
         bar.close()
     return answers  # type: ignore[return-value]
+
+
+def greedy_answer(model: Llava, config: LlavaConfig, sp, question: str, image_embeds: torch.Tensor,
+                  max_new_tokens: int) -> str:
+    """One question about one encoded image ([K, n_embd]), answered greedily, the decoded text stripped."""
+    ids = prompt_ids(question, config, sp.encode)
+    device = image_embeds.device
+    out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, temperature=0.0,
+                         eos_token_id=config.text.eos_token_id, image_embeds=image_embeds[None])
+    # ids past the SentencePiece vocab are added specials (llava-hf's <image>, <pad>): skipped
+    return sp.decode([t for t in out if 0 <= t < sp.get_piece_size()]).strip()
+
+
+def answer_prompts(ckpt: str | os.PathLike, items: Iterable[tuple[str | bytes, str]],
+                   vision_tower: str | os.PathLike | None = None, image_tokens: int | None = None,
+                   max_new_tokens: int = 128) -> Iterator[str]:
+    """Greedy answers to (image file or bytes, question) pairs, one at a time in order (the benchmarks' reference
+    side: `llava-edge eval --ckpt`). An image asked about by consecutive questions is encoded once."""
+    loaded = load_checkpoint(ckpt, vision_tower=vision_tower)
+    if loaded.tokenizer_path is None:
+        raise CheckpointError(f"{loaded.path}: no tokenizer.model in the checkpoint")
+    model, config, sp = loaded.model, loaded.config, _sentencepiece(loaded.tokenizer_path)
+    param = next(model.vision.parameters())
+    last_image, embeds = None, None
+    for image, question in items:
+        if embeds is None or image != last_image:
+            with torch.no_grad():
+                pixels = torch.from_numpy(pixel_values(image, config)[None]).to(param.device, param.dtype)
+                embeds = model.encode_images(pixels, image_tokens)[0]
+            last_image = image
+        yield greedy_answer(model, config, sp, question, embeds, max_new_tokens)
 
 
 # ----------------------------------------------------------------------------- scoring
