@@ -123,6 +123,7 @@ def chat(
     from .chat import answer_once, demo_note, repl
     from .runtime import ChatSession, Model
 
+    _check_threads(threads)
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     model = Model.open(bundle, device=device, threads=threads, image_cache_dir=cache_dir)
     config = EngineConfig(parallel=1, n_ctx=n_ctx, image_tokens=image_tokens,
@@ -358,6 +359,7 @@ def serve(
     from .runtime import Model
     from .server.serve import serve as run_server
 
+    _check_threads(threads)
     name = model_name or ("llava-edge-demo" if bundle is None else bundle.resolve().name)
     engine_config = EngineConfig(parallel=parallel, n_ctx=n_ctx, queue=queue, image_tokens=image_tokens,
                                  kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
@@ -367,8 +369,7 @@ def serve(
                                  temperature=temperature, top_p=top_p, seed=seed, request_log=not quiet)
     model = Model.open(bundle, device=device, threads=threads)
     try:
-        demo_note(model)
-        run_server(model, engine_config, server_config)
+        run_server(model, engine_config, server_config, note=demo_note(model, print_it=False))
     finally:
         model.close()
 

@@ -29,7 +29,7 @@ def test_demo_bench_writes_the_contract_report(tmp_path):
     assert paths["edge_kv"]["n_prefilled"]["median"] < paths["edge"]["n_prompt_tokens"]["median"] - 64
     assert not paths["edge_kv_fill"]["kv_restored"]
     assert all(r["interleaved_runs"] == 2 for p, r in paths.items() if p not in ("edge_kv", "edge_kv_fill"))
-    assert {p: r["n_ctx"] for p, r in paths.items() if "n_ctx" in r} == dict.fromkeys(("edge", "edge_kv", "handler", "plain", "edge_kv_fill"), 2048)
+    assert {p: r["n_ctx"] for p, r in paths.items() if "n_ctx" in r} == dict.fromkeys(("edge", "edge_kv", "handler", "plain", "edge_kv_fill"), 512)  # the demo's trained context
     assert 0 < paths["edge"]["peak_rss_anon_mb"] < paths["edge"]["peak_rss_mb"]
     assert on_disk["fidelity"]["edge"] > 0.999
     assert 0 < on_disk["fidelity"]["llamacpp_mtmd_f16"] < 1

@@ -220,9 +220,9 @@ def test_every_image_token_asked_for_by_number_is_the_default():
 def test_a_context_past_the_trained_one_is_cut_with_a_note():
     proc = chat(GREEN, "--prompt", COLOR_Q, "--n-ctx", "100000")
     assert proc.returncode == 0 and proc.stdout == "Green\n", proc.stderr
-    assert "n-ctx 100000 is more than the model was trained on; using 512" in proc.stderr
+    assert "--n-ctx 100000 is more than the model was trained on; using 512" in proc.stderr
     too_long = chat(GREEN, "--prompt", "square " * 1000, "--n-ctx", "1024")
-    assert too_long.returncode == 2 and "the context holds 512 per conversation (n-ctx 1024 was cut" in too_long.stderr
+    assert too_long.returncode == 2 and "the context holds 512 per conversation (--n-ctx 1024 was cut" in too_long.stderr
 
 
 def test_vision_n_embd_differs_from_the_decoders(tmp_path):

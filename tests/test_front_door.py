@@ -109,7 +109,8 @@ def test_image_budget_tags_tell_budgets_apart():
         model.close()
 
 
-@pytest.mark.parametrize("n_ctx, message", [(64, "too small: an image alone takes 64"), ("x", "whole number")])
+@pytest.mark.parametrize("n_ctx, message", [(64, "too small: an image alone takes 64"), ("x", "whole number"),
+                                            (-5, "--n-ctx -5 is too small")])
 def test_context_length_is_checked_by_the_model(n_ctx, message):
     model = Model.open(threads=1)
     try:

@@ -55,7 +55,14 @@ def test_an_image_at_another_budget_is_not_taken_from_the_kv(openai_client):
     assert cached(other) < 40  # at another budget: only the text before the image is shared
 
 
-@pytest.mark.parametrize("bad", [64, 0, -3, "many", 2.5])
+def test_every_token_by_number_is_the_default(openai_client):
+    every, default = ask_openai(openai_client, image_tokens=64), ask_openai(openai_client)
+    assert every.choices[0].message.content == default.choices[0].message.content
+    assert every.usage.prompt_tokens == default.usage.prompt_tokens
+    assert default.usage.prompt_tokens_details.cached_tokens >= 64  # the same image: K = 64 is the default's entry
+
+
+@pytest.mark.parametrize("bad", [65, 0, -3, "many", 2.5])
 def test_a_bad_budget_is_a_400_in_both_apis(openai_client, ollama_client, bad):
     with pytest.raises(openai.BadRequestError, match="image tokens"):
         ask_openai(openai_client, image_tokens=bad)

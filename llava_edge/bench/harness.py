@@ -106,7 +106,14 @@ def case_spec(case: Case, cfg: BenchConfig) -> dict:
             "reference_embeds": str(case.reference_embeds),
             "vision_graphs": {k: str(v) for k, v in case.vision_graphs.items()},
             "threads": cfg.threads, "n_decode": cfg.n_decode,
-            "n_ctx": N_CTX}  # the same context (and KV cache size) on every llama.cpp path
+            "n_ctx": case_n_ctx(case)}  # the same context (and KV cache size) on every llama.cpp path
+
+
+def case_n_ctx(case: Case) -> int:
+    """N_CTX, or the model's trained context when it is shorter (the runtime goes no further)."""
+    from ..runtime.bundle import open_bundle
+
+    return min(N_CTX, open_bundle(case.bundle, verify=False).n_ctx_train or N_CTX)
 
 
 def measure_case(case: Case, cfg: BenchConfig, work: Path, progress) -> dict:

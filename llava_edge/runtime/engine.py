@@ -149,7 +149,7 @@ class Engine:
         n = len(prompt.keys)
         if n >= self.n_ctx_seq:
             asked = self.config.n_ctx
-            cut = f" (n-ctx {asked} was cut to the model's trained context)" if asked and asked > self.n_ctx_seq else ""
+            cut = f" (--n-ctx {asked} was cut to the model's trained context)" if asked and asked > self.n_ctx_seq else ""
             raise ContextOverflow(
                 f"the prompt is {n} positions (each image takes {budget.n_tokens}); the context holds "
                 f"{self.n_ctx_seq} per conversation{cut}", n_positions=n, n_ctx=self.n_ctx_seq)

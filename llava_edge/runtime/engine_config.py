@@ -31,5 +31,4 @@ class EngineConfig:
         for name in ("parallel", "n_batch", "queue"):
             if getattr(self, name) < (0 if name == "queue" else 1):
                 raise UserError(f"{name.replace('_', '-')} must be at least {0 if name == 'queue' else 1}")
-        if self.n_ctx is not None and self.n_ctx < 16:
-            raise UserError(f"n-ctx must be at least 16 (got {self.n_ctx})")
+        # n_ctx is bounded by the model (Model.context_length)

@@ -80,12 +80,12 @@ class Model:
         if n_ctx is None:
             return min(trained or MAX_DEFAULT_N_CTX, MAX_DEFAULT_N_CTX)
         if isinstance(n_ctx, bool) or not isinstance(n_ctx, int):
-            raise UserError(f"n-ctx must be a whole number (got {n_ctx!r})")
+            raise UserError(f"--n-ctx must be a whole number (got {n_ctx!r})")
         if n_ctx <= self.n_image_tokens:
-            raise UserError(f"n-ctx {n_ctx} is too small: an image alone takes {self.n_image_tokens} positions; "
+            raise UserError(f"--n-ctx {n_ctx} is too small: an image alone takes {self.n_image_tokens} positions; "
                             f"use at least {self.n_image_tokens + 16}")
         if trained and n_ctx > trained:
-            print(f"llava-edge: note: n-ctx {n_ctx} is more than the model was trained on; using {trained}",
+            print(f"llava-edge: note: --n-ctx {n_ctx} is more than the model was trained on; using {trained}",
                   file=sys.stderr)
             return trained
         return n_ctx

@@ -43,13 +43,16 @@ class _Server(uvicorn.Server):
             print(f"llava-edge serve: {self.cfg.model_name} on http://{host}:{port}", flush=True)
 
 
-def serve(model: Model, engine_cfg: EngineConfig, cfg: ServerConfig) -> None:
-    """Serve the model until a signal; the model is the caller's (it stays open)."""
+def serve(model: Model, engine_cfg: EngineConfig, cfg: ServerConfig, note: str | None = None) -> None:
+    """Serve the model until a signal; the model is the caller's (it stays open). `note` goes to stderr once the
+    engine is up (the settings are checked by then)."""
     if cfg.max_images < 1 or engine_cfg.parallel < 1 or engine_cfg.queue < 0 or not 0 <= cfg.port <= 65535:
         raise UserError("--parallel and --max-images must be at least 1, --queue at least 0, --port in 0..65535")
     if cfg.media_dir is not None and not os.path.isdir(cfg.media_dir):
         raise UserError(f"--media-dir {cfg.media_dir}: not a directory")
     engine = Engine(model, engine_cfg)
+    if note:
+        print(note, file=sys.stderr)
     try:
         engine.start()
         app = create_app(engine, cfg)
