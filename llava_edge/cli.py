@@ -243,7 +243,7 @@ def eval_(
     report: Optional[str] = typer.Option(None, help="write a markdown report (and a PNG when K is swept) here"),
     max_tokens: int = typer.Option(default(EvalConfig, "max_tokens"), help="most tokens per answer"),
     threads: Optional[int] = typer.Option(None, help="CPU threads"),
-    device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
+    device: str = typer.Option(DEFAULT_DEVICE, help="vision on auto|cpu|cuda|tensorrt"),
     vision_tower: Optional[str] = typer.Option(None, help="CLIP vision dir for liuhaotian checkpoints"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     all_metrics: bool = typer.Option(False, "--all-metrics", help="every metric, not only the paper's"),

@@ -296,12 +296,12 @@ import numpy as np
 from llava_edge.runtime.llama_loader import open_llama
 from llava_edge.runtime.llama_probe import extra_bufts_verdict
 from llava_edge.runtime.tokenizer import Tokenizer
-from llava_edge.runtime.executor import Executor, evaluate
+from llava_edge.runtime.executor import Executor, sequence_logits
 for path in {[str(ggufs['liu-Q4_K_M']), str(ggufs['liu-Q8_0'])]!r}:
     llm = open_llama(path, n_ctx=128, n_batch=32, n_threads=1)
     dec = Tokenizer(llm)
     image = np.random.default_rng(0).standard_normal((40, dec.n_embd)).astype(np.float32)
-    logits = evaluate(Executor(llm, 32, dec.n_embd, dec.n_vocab), [list(range(3, 43)), image, [5, 6]])
+    logits = sequence_logits(Executor(llm, 32, dec.n_embd, dec.n_vocab), [list(range(3, 43)), image, [5, 6]])
     assert logits.shape == (82, dec.n_vocab) and np.isfinite(logits).all()
 print("verdict", extra_bufts_verdict())
 import sys; assert "torch" not in sys.modules

@@ -20,7 +20,7 @@ import torch
 
 from ..reference.streamed import streamed_reference_logits
 from ..runtime.tokenizer import Tokenizer
-from ..runtime.executor import Executor, evaluate
+from ..runtime.executor import Executor, sequence_logits
 from ..runtime.llama_loader import open_llama
 
 # Text that trips tokenizers: runs of spaces, newlines, tabs, accents, CJK, emoji, digits, markup.
@@ -73,7 +73,7 @@ def gguf_logits(
     decoder = Tokenizer(llm)
     executor = Executor(llm, llm.n_batch, decoder.n_embd, decoder.n_vocab)
     try:
-        return evaluate(executor, [p if isinstance(p, list) else image_embeds[p] for p in parts])
+        return sequence_logits(executor, [p if isinstance(p, list) else image_embeds[p] for p in parts])
     finally:
         executor.close()
         llm.close()

@@ -2,7 +2,7 @@
 
 The executor is the only code that writes a context's KV. It takes positions already checked by the engine
 (token ids in the vocab, embeddings of the right width, batches within n_batch), because llama.cpp aborts the
-process on what it cannot take. `evaluate` runs one whole sequence through the same two batch fillers, for the
+process on what it cannot take. `sequence_logits` runs one whole sequence through the same two batch fillers, for the
 export's parity check. No torch.
 """
 
@@ -99,7 +99,7 @@ class Executor:
             raise RuntimeError(f"llama_decode of {batch.n_tokens} positions returned {rc}")
 
 
-def evaluate(executor: Executor, parts: Sequence[list[int] | np.ndarray]) -> np.ndarray:
+def sequence_logits(executor: Executor, parts: Sequence[list[int] | np.ndarray]) -> np.ndarray:
     """The logits at every position [T, n_vocab] of one sequence (0) made of token-id lists and embedding
     arrays, decoded in chunks of n_batch (the export's parity check)."""
     rows, pos = [], 0

@@ -28,8 +28,7 @@ class TokenEmbeddings:
 
     def __init__(self, data: memoryview, ggml_type: int, n_embd: int, n_vocab: int):
         self.ggml_type, self.n_embd, self.n_vocab = ggml_type, n_embd, n_vocab
-        per_block, block_bytes = BLOCK[ggml_type]
-        self.row_bytes = n_embd // per_block * block_bytes
+        self.row_bytes = row_bytes(ggml_type, n_embd)
         self._data = data
 
     @classmethod
@@ -43,13 +42,17 @@ class TokenEmbeddings:
         ggml_type, (n_embd, n_vocab), offset = found.ggml_type, found.dims, found.offset
         if ggml_type not in BLOCK or n_embd % BLOCK[ggml_type][0]:
             return None
-        table = cls(memoryview(whole), ggml_type, n_embd, n_vocab)
-        table._data = table._data[offset:offset + n_vocab * table.row_bytes]
-        return table
+        size = n_vocab * row_bytes(ggml_type, n_embd)
+        return cls(memoryview(whole)[offset:offset + size], ggml_type, n_embd, n_vocab)
 
     def rows(self, ids: list[int]) -> np.ndarray:
         raw = np.frombuffer(self._data, dtype=np.uint8).reshape(self.n_vocab, self.row_bytes)[np.asarray(ids)]
         return _DEQUANTIZE[self.ggml_type](raw).reshape(len(ids), self.n_embd)
+
+
+def row_bytes(ggml_type: int, n_embd: int) -> int:
+    per_block, block_bytes = BLOCK[ggml_type]
+    return n_embd // per_block * block_bytes
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
