@@ -182,8 +182,8 @@ def caption(
         summary = run_caption(cfg)
     print(format_summary(summary, out), file=sys.stderr)
     demo_note(open_bundle(bundle or DEMO_BUNDLE, verify=False))
-    if summary.interrupted or summary.failed:
-        raise typer.Exit(130 if summary.interrupted else 1)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
 
 
 @app.command()

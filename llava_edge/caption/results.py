@@ -2,7 +2,9 @@
 
 A line is written with one write() of the whole encoded line, newline last, so a killed process leaves at
 most a torn last line without its newline; opening the file again cuts that tail off, and the complete lines
-say what is done, so a rerun never writes an image twice.
+say what is done, so a rerun never writes an answered image twice. A line with `error` is not done: a rerun
+tries that input again and appends its new line, which supersedes the error line (the last line of a key is
+the one that holds).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class ResultFile:
         self._last_sync = time.monotonic()
 
     def open(self) -> set[tuple[str, str]]:
-        """Open for appending (created if missing), cut a torn last line, and return the done keys."""
+        """Open for appending (created if missing), cut a torn last line, and return the done keys: those whose
+        last line holds an answer (an error line's input is tried again)."""
         if self.path.is_dir():
             raise UserError(f"--out {self.path} is a directory; give a .jsonl file")
         try:
@@ -61,9 +64,14 @@ class ResultFile:
         for line in complete.splitlines():
             try:
                 record = json.loads(line)
-                done.add(done_key(record["path"], record["prompt"]))
+                key = done_key(record["path"], record["prompt"])
             except (ValueError, KeyError, TypeError):
                 unreadable += 1
+                continue
+            if "error" in record:
+                done.discard(key)
+            else:
+                done.add(key)
         if unreadable:
             print(f"llava-edge: note: {unreadable} lines of {self.path} are not caption records; left as they are",
                   file=sys.stderr)
