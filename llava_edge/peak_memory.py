@@ -23,7 +23,9 @@ from pathlib import Path
 KINDS = ("RssAnon", "RssFile")
 
 # The watcher: samples the parent and its descendants (itself excluded); reads commands on stdin:
-# "step NAME" (peaks from now on also kept under NAME), "result" (one JSON line of peaks so far).
+# "step NAME" (peaks from now on also kept under NAME; answers "ok" once it has sampled under NAME), "result"
+# (samples, then answers one JSON line of peaks so far). Each answer comes after a sample taken after the
+# command arrived, so what the caller did before asking is in it.
 _WATCHER = r"""
 import json, os, select, sys
 parent, interval, me = sys.argv[1], float(sys.argv[2]), str(os.getpid())
@@ -90,6 +92,7 @@ while open_:
             step = arg
             by_step.setdefault(step, dict.fromkeys(KINDS, 0))
             sample()
+            print("ok", flush=True)
         elif command == "result":
             print(json.dumps({"peak": peak, "by_step": by_step, "n": n}), flush=True)
 """
@@ -135,15 +138,18 @@ class PeakMemory:
             self._watcher = None
 
     def _ask(self, command: str) -> None:
+        """Send a command and wait for its answer: a step has begun, or the peaks so far."""
         if self._watcher is None or self._watcher.poll() is not None:
             return
         self._watcher.stdin.write(command + "\n")
         self._watcher.stdin.flush()
-        if command == "result":
-            self._last = json.loads(self._watcher.stdout.readline())
+        answer = self._watcher.stdout.readline()
+        if command == "result" and answer:
+            self._last = json.loads(answer)
 
     def step(self, name: str) -> None:
-        """Peaks from now on are also kept under `name` (until the next step)."""
+        """Peaks from now on are also kept under `name` (until the next step). Returns once the watcher has
+        switched: what runs after this call is never counted in the step before."""
         self._ask(f"step {name}")
 
     def result(self) -> dict:
