@@ -2,7 +2,6 @@
 them. Line editing and history (kept across sessions in the cache dir), Ctrl-C clears the line, /image with
 a quoted path and with ~, /help, Ctrl-D ends the chat."""
 
-import contextlib
 import json
 import os
 import re
@@ -227,35 +226,19 @@ def test_image_argument_expands_the_home_dir(monkeypatch, tmp_path):
     assert image_argument("'~/a b.png'") == tmp_path / "a b.png"
 
 
-def test_ctrl_c_while_an_image_loads_keeps_the_chat(capsys):
+def test_ctrl_c_while_an_image_loads_keeps_the_chat(capsys, fake_session):
     from llava_edge import chat as chat_module
-
-    class Session:
-        def __init__(self):
-            self.images, self.asked = [], []
-
-        def while_typing(self):
-            return contextlib.nullcontext()
-
-        def set_image(self, image):
-            self.images.append(image)
-            if len(self.images) == 2:
-                raise KeyboardInterrupt
-
-        def ask(self, question, sampling):
-            self.asked.append(question)
-            yield "answer"
 
     def read_line(prompt, lines=iter(["/image other.png", "still here?", "/quit"])):
         return next(lines)
 
-    session = Session()
+    session = fake_session(stop_image={2})
     chat_module.repl(session, GREEN, None, read_line=read_line)
     assert session.asked == ["still here?"]
     assert "still about the previous image" in capsys.readouterr().err
 
 
-def test_ctrl_c_at_the_prompt_asks_again_and_ctrl_d_ends(capsys):
+def test_ctrl_c_at_the_prompt_asks_again_and_ctrl_d_ends(fake_session):
     from llava_edge import chat as chat_module
 
     events = iter([KeyboardInterrupt, "question", EOFError])
@@ -266,21 +249,9 @@ def test_ctrl_c_at_the_prompt_asks_again_and_ctrl_d_ends(capsys):
             raise event
         return event
 
-    class Session:
-        asked = []
-
-        def while_typing(self):
-            return contextlib.nullcontext()
-
-        def set_image(self, image):
-            pass
-
-        def ask(self, question, sampling):
-            self.asked.append(question)
-            yield "answer"
-
-    chat_module.repl(Session(), GREEN, None, read_line=read_line)
-    assert Session.asked == ["question"]
+    session = fake_session()
+    chat_module.repl(session, GREEN, None, read_line=read_line)
+    assert session.asked == ["question"]
 
 
 # --------------------------------------------------------------------------- the prefill while the user types
