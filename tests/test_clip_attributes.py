@@ -92,6 +92,7 @@ def _one_epoch(data, out, seed=0):
     return out
 
 
+@pytest.mark.slow
 def test_saved_tower_matches_transformers_at_layer_minus_2_and_is_seeded(tmp_path):
     from safetensors.torch import load_file
     from transformers import CLIPVisionModel

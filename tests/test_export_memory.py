@@ -75,6 +75,7 @@ def fp16_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_export_measures_parity_without_an_fp32_decoder_and_records_memory(fp16_ckpt, tmp_path, monkeypatch):
     seen = {}
     load = pipeline.load_checkpoint

@@ -96,6 +96,7 @@ def test_stage2_lora_merges_into_the_saved_llm(parts, stage1, tmp_path):
     assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_loss_curve(parts, stage1, tmp_path):
     out1, _ = stage1
     kw = dict(projector=str(out1 / "mm_projector.bin"), epochs=3, save_every=2)

@@ -275,6 +275,7 @@ def slow_chat(args: list[str], env: dict[str, str]) -> Terminal:
     return Terminal(args, env, code=SLOW_DECODER)
 
 
+@pytest.mark.slow
 def test_ctrl_c_image_and_ctrl_d_during_the_prefill(term_env):
     t = slow_chat(["chat", str(GREEN), "--threads", "1"], term_env)
     t.prompt(1)
@@ -300,6 +301,7 @@ def test_ctrl_c_image_and_ctrl_d_during_the_prefill(term_env):
     assert "[stopped]" not in t.text() and "Traceback" not in t.text()
 
 
+@pytest.mark.slow
 def test_a_question_typed_after_the_prefill_costs_only_its_own_tokens(term_env):
     t = slow_chat(["chat", str(GREEN), "--threads", "1", "--json"], term_env)
     t.prompt(1)
