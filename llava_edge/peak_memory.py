@@ -8,7 +8,9 @@ and each kind's peak is kept, overall and per named step. The sampling runs in a
 (plain Python, no imports beyond the standard library), not a thread: a thread cannot run while a C
 extension holds the GIL (protobuf parsing an ONNX model does), and missed exactly those peaks (2.0 GB
 reported where a watcher outside saw 2.7 GB). A spike shorter than the interval can still be missed;
-VmHWM is reported beside them as the kernel's bound on the total. Linux only (elsewhere: zeros).
+VmHWM is reported beside them as the kernel's bound on the total. A child caught between fork and exec still
+shares this process's pages and is counted with them, once more (a sample can land in that window on a
+loaded machine). Linux only (elsewhere: zeros).
 """
 
 from __future__ import annotations
