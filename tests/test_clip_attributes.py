@@ -64,6 +64,7 @@ def test_patch_columns_give_object_patches_their_object_centre():
     ]
 
 
+@pytest.mark.slow
 def test_micro_run_learns_and_writes_a_clip_dir(tmp_path):
     data = tmp_path / "data"
     build_dataset(data, 96, 2, seed=3, progress=False)
