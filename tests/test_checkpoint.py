@@ -109,6 +109,7 @@ def assert_one_line_error(result, must_name):
     assert must_name in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_info_reports_a_good_checkpoint(hf, tmp_path):
     path = save_hf_layout(hf, tmp_path / "ok", "sharded")
     result = run_info(path, "--json")

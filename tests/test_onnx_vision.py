@@ -127,6 +127,7 @@ def test_default_dynamo_export_matches(tmp_path):
         assert row["patches_equal"] == 1.0 and row["cosine_min"] >= 0.99999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llava-hf-28-layer-2-patch", "llava-hf-56-layer-1-full"])
 def test_fused_export_matches_and_quantizes(tmp_path, name):
     model = load_variant(name, tmp_path)
