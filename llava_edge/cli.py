@@ -179,8 +179,8 @@ def caption(
     print(format_summary(summary, out), file=sys.stderr)
     if summary.demo:
         print(DEMO_NOTE, file=sys.stderr)
-    if summary.interrupted or summary.failed:
-        raise typer.Exit(130 if summary.interrupted else 1)
+    if summary.exit_code:
+        raise typer.Exit(summary.exit_code)
 
 
 @app.command()

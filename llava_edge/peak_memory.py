@@ -8,7 +8,9 @@ and each kind's peak is kept, overall and per named step. The sampling runs in a
 (plain Python, no imports beyond the standard library), not a thread: a thread cannot run while a C
 extension holds the GIL (protobuf parsing an ONNX model does), and missed exactly those peaks (2.0 GB
 reported where a watcher outside saw 2.7 GB). A spike shorter than the interval can still be missed;
-VmHWM is reported beside them as the kernel's bound on the total. Linux only (elsewhere: zeros).
+VmHWM is reported beside them as the kernel's bound on the total. A child caught between fork and exec still
+shares this process's pages and is counted with them, once more (a sample can land in that window on a
+loaded machine). Linux only (elsewhere: zeros).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 KINDS = ("RssAnon", "RssFile")
 
 # The watcher: samples the parent and its descendants (itself excluded); reads commands on stdin:
-# "step NAME" (peaks from now on also kept under NAME), "result" (one JSON line of peaks so far).
+# "step NAME" (peaks from now on also kept under NAME; answers "ok" once it has sampled under NAME), "result"
+# (samples, then answers one JSON line of peaks so far). Each answer comes after a sample taken after the
+# command arrived, so what the caller did before asking is in it.
 _WATCHER = r"""
 import json, os, select, sys
 parent, interval, me = sys.argv[1], float(sys.argv[2]), str(os.getpid())
@@ -90,6 +94,7 @@ while open_:
             step = arg
             by_step.setdefault(step, dict.fromkeys(KINDS, 0))
             sample()
+            print("ok", flush=True)
         elif command == "result":
             print(json.dumps({"peak": peak, "by_step": by_step, "n": n}), flush=True)
 """
@@ -135,15 +140,18 @@ class PeakMemory:
             self._watcher = None
 
     def _ask(self, command: str) -> None:
+        """Send a command and wait for its answer: a step has begun, or the peaks so far."""
         if self._watcher is None or self._watcher.poll() is not None:
             return
         self._watcher.stdin.write(command + "\n")
         self._watcher.stdin.flush()
-        if command == "result":
-            self._last = json.loads(self._watcher.stdout.readline())
+        answer = self._watcher.stdout.readline()
+        if command == "result" and answer:
+            self._last = json.loads(answer)
 
     def step(self, name: str) -> None:
-        """Peaks from now on are also kept under `name` (until the next step)."""
+        """Peaks from now on are also kept under `name` (until the next step). Returns once the watcher has
+        switched: what runs after this call is never counted in the step before."""
         self._ask(f"step {name}")
 
     def result(self) -> dict:

@@ -1,5 +1,5 @@
-"""`llava-edge caption` as a user runs it (real processes): one correct line per image, errors recorded and
-skipped, copies encoded once, answers equal to `llava-edge chat`'s whatever the batching, and a run killed at
+"""`llava-edge caption` as a user runs it (real processes): one correct line per image, errors recorded (the
+exit code says so) and tried again by the next run, copies encoded once, answers equal to `llava-edge chat`'s whatever the batching, and a run killed at
 any point (SIGKILL, Ctrl-C, a torn last line) resumed without a lost, torn or repeated line."""
 
 import hashlib
@@ -14,26 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from caption_run import PROMPT, assert_each_once, caption, caption_cmd, read_lines
+
 from llava_edge.bench.caption_case import make_images
 from llava_edge.caption.feeder import END, Feeder
 from llava_edge.caption.inputs import find_images
-from llava_edge.caption.results import ResultFile
+from llava_edge.caption.results import ResultFile, done_key
 from llava_edge.errors import ImageError, UserError
 
 ROOT = Path(__file__).parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.png"))
-PROMPT = "Describe the image."
-# The runtime path must not need torch: it is blocked in every caption process.
-NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
-            "from llava_edge.cli import main; main()")
-
-
-def caption_cmd(*args):
-    return [sys.executable, "-c", NO_TORCH, "caption", *map(str, args), "--threads", "1"]
-
-
-def caption(*args, timeout=300):
-    return subprocess.run(caption_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def chat_answer(image: Path) -> str:
@@ -43,43 +33,26 @@ def chat_answer(image: Path) -> str:
     return proc.stdout.strip()
 
 
-def read_lines(path: Path) -> list[dict]:
-    data = path.read_bytes()
-    assert data.endswith(b"\n"), "the file ends inside a line"
-    return [json.loads(line) for line in data.splitlines()]  # every line parses
-
-
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """The four examples, two generated scenes, a byte copy of one example and a truncated PNG."""
-    d = tmp_path_factory.mktemp("photos")
-    for p in EXAMPLES:
-        shutil.copy(p, d / p.name)
-    make_images(d, 2, seed=3)
-    shutil.copy(EXAMPLES[0], d / "zz_copy.png")
-    (d / "broken.png").write_bytes(EXAMPLES[1].read_bytes()[:400])
-    return d
-
-
-@pytest.fixture(scope="module")
-def parallel_run(folder, tmp_path_factory):
+def parallel_run(caption_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("p4") / "captions.jsonl"
-    proc = caption(folder, "--out", out, "--parallel", "4")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = caption(caption_folder, "--out", out, "--parallel", "4")
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the broken file has no answer
+    assert "1 errors (a rerun tries them again)" in proc.stderr
     return out, proc
 
 
-def test_every_image_gets_one_correct_line(folder, parallel_run):
+def test_every_image_gets_one_correct_line(caption_folder, parallel_run):
     out, proc = parallel_run
     lines = read_lines(out)
-    files = sorted(folder.iterdir())
+    files = sorted(caption_folder.iterdir())
     assert sorted(Path(r["path"]) for r in lines) == files
     by_name = {Path(r["path"]).name: r for r in lines}
     for f in files:
         r = by_name[f.name]
         assert r["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest() and r["prompt"] == PROMPT
     broken = by_name["broken.png"]
-    assert set(broken) == {"path", "sha256", "prompt", "error"} and str(folder / "broken.png") in broken["error"]
+    assert set(broken) == {"path", "sha256", "prompt", "error"} and str(caption_folder / "broken.png") in broken["error"]
     assert "corrupt" in broken["error"] or "truncated" in broken["error"]
     good = [r for r in lines if "error" not in r]
     assert len(good) == len(files) - 1
@@ -89,22 +62,22 @@ def test_every_image_gets_one_correct_line(folder, parallel_run):
     assert "Traceback" not in proc.stderr
 
 
-def test_a_copy_is_encoded_once(folder, parallel_run):
+def test_a_copy_is_encoded_once(caption_folder, parallel_run):
     out, proc = parallel_run
     twins = [r for r in read_lines(out) if r["sha256"] == hashlib.sha256(EXAMPLES[0].read_bytes()).hexdigest()]
     assert len(twins) == 2 and twins[0]["answer"] == twins[1]["answer"]
     assert sorted(r["timings"]["image_cached"] for r in twins) == [False, True]
     assert [r["timings"]["vision_ms"] for r in twins if r["timings"]["image_cached"]] == [0.0]
-    distinct = len(list(folder.iterdir())) - 2  # the copy and the broken file are not encoded
+    distinct = len(list(caption_folder.iterdir())) - 2  # the copy and the broken file are not encoded
     assert f"{distinct} images encoded" in proc.stderr
 
 
 @pytest.mark.slow
-def test_answers_equal_chat_and_do_not_depend_on_parallel(folder, parallel_run, tmp_path):
+def test_answers_equal_chat_and_do_not_depend_on_parallel(caption_folder, parallel_run, tmp_path):
     out4, _ = parallel_run
     out1 = tmp_path / "p1.jsonl"
-    proc = caption(folder, "--out", out1, "--parallel", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = caption(caption_folder, "--out", out1, "--parallel", "1")
+    assert proc.returncode == 1, proc.stderr[-3000:]
     p4 = {r["path"]: r.get("answer") for r in read_lines(out4)}
     p1 = {r["path"]: r.get("answer") for r in read_lines(out1)}
     assert p4 == p1
@@ -128,14 +101,6 @@ def kill_when(proc: subprocess.Popen, out: Path, n_lines: int, sig: int) -> None
             return
         time.sleep(0.005)
     raise AssertionError(f"the run ended (or hung) before {n_lines} lines: {proc.poll()}")
-
-
-def assert_each_once(out: Path, folder: Path) -> None:
-    lines = read_lines(out)
-    paths = [r["path"] for r in lines]
-    assert len(paths) == len(set(paths)), "a line is repeated"
-    assert sorted(Path(p) for p in paths) == sorted(folder.iterdir())
-    assert all(r.get("answer") for r in lines)
 
 
 def test_sigkill_mid_run_then_resume(many, tmp_path):
@@ -166,15 +131,57 @@ def test_ctrl_c_finishes_cleanly_with_130_then_resume(many, tmp_path):
     assert_each_once(out, many)
 
 
-def test_a_torn_last_line_is_cut_and_its_image_redone(folder, parallel_run, tmp_path):
+def test_a_torn_last_line_is_cut_and_its_image_redone(caption_folder, parallel_run, tmp_path):
     out = tmp_path / "torn.jsonl"
     whole = parallel_run[0].read_bytes().splitlines(keepends=True)
     out.write_bytes(b"".join(whole[:3]) + whole[3][: len(whole[3]) // 2])  # killed inside its 4th write
-    proc = caption(folder, "--out", out)
-    assert proc.returncode == 0 and "torn last line" in proc.stderr, proc.stderr[-2000:]
+    proc = caption(caption_folder, "--out", out)
+    assert proc.returncode == 1 and "torn last line" in proc.stderr, proc.stderr[-2000:]  # broken.png again
     lines = read_lines(out)
     assert lines[:3] == [json.loads(line) for line in whole[:3]]
-    assert sorted(r["path"] for r in lines) == sorted(json.loads(line)["path"] for line in whole)
+    last = {r["path"]: r for r in lines}  # the last line of a path holds
+    assert sorted(last) == sorted(json.loads(line)["path"] for line in whole)
+    retried = [r["path"] for r in lines[3:] if r["path"] in {x["path"] for x in lines[:3]}]
+    assert all("error" in last[p] for p in retried)  # only an error line's file was asked again
+
+
+def test_a_missing_input_fails_the_run_and_the_next_run_answers_it(tmp_path):
+    later = tmp_path / "later.png"  # not there yet
+    out = tmp_path / "out.jsonl"
+    first = caption(EXAMPLES[0], later, "--out", out)
+    assert first.returncode == 1, first.stderr[-2000:]
+    before = read_lines(out)
+    by_path = {r["path"]: r for r in before}
+    assert len(before) == 2 and "answer" in by_path[str(EXAMPLES[0])] and str(later) in by_path[str(later)]["error"]
+
+    shutil.copy(EXAMPLES[0], later)
+    again = caption(EXAMPLES[0], later, "--out", out)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1 lines written" in again.stderr and "1 already there" in again.stderr
+    lines = read_lines(out)
+    assert lines[:2] == before and len(lines) == 3  # the error line stays; the new line supersedes it
+    assert lines[2]["path"] == str(later) and lines[2]["answer"] == by_path[str(EXAMPLES[0])]["answer"]  # a copy
+
+
+def test_an_error_line_is_not_done_and_the_last_line_of_a_key_holds(tmp_path):
+    out = tmp_path / "out.jsonl"
+    records = [{"path": "a.png", "prompt": PROMPT, "answer": "A."}, {"path": "b.png", "prompt": PROMPT, "error": "x"},
+               {"path": "c.png", "prompt": PROMPT, "error": "x"}, {"path": "c.png", "prompt": PROMPT, "answer": "C."},
+               {"path": "d.png", "prompt": PROMPT, "answer": "D."}, {"path": "d.png", "prompt": PROMPT, "error": "x"},
+               {"path": "a.png", "prompt": "Another question.", "error": "x"}]
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = ResultFile(out)
+    assert results.open() == {done_key("a.png", PROMPT), done_key("c.png", PROMPT)}
+    results.close()
+
+
+def test_the_exit_code_says_whether_every_input_has_an_answer():
+    from llava_edge.caption.pipeline import CaptionSummary
+
+    assert CaptionSummary(written=3).exit_code == 0
+    assert CaptionSummary(written=3, errors=1).exit_code == 1
+    assert CaptionSummary(written=2, failed=1).exit_code == 1
+    assert CaptionSummary(written=2, errors=1, interrupted=True).exit_code == 130
 
 
 def test_inputs_files_folders_globs_recursive(tmp_path, monkeypatch):
@@ -250,3 +257,22 @@ def test_one_writer_per_out_file(tmp_path):
 def test_no_images_is_one_line(tmp_path):
     proc = caption(tmp_path, "--out", tmp_path / "x.jsonl")
     assert proc.returncode == 2 and "no image files" in proc.stderr
+
+
+def test_the_driver_uses_the_token_ray_left(tmp_path):
+    """After `ray start --head` found ~/.ray/auth_token, the cluster wants it; `--ray HOST:PORT` then sends it."""
+    from llava_edge.caption.ray_cluster import use_the_token_ray_left
+
+    env = {"HOME": str(tmp_path)}
+    assert not use_the_token_ray_left("head:6379", env) and "RAY_AUTH_MODE" not in env  # no token: Ray's default
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("a" * 32)
+    for address in ("head:6379", "ray://head:10001", "auto"):
+        env = {"HOME": str(tmp_path)}
+        assert use_the_token_ray_left(address, env) and env["RAY_AUTH_MODE"] == "token"
+    env = {"HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}  # the user's word holds
+    assert not use_the_token_ray_left("head:6379", env) and env["RAY_AUTH_MODE"] == "disabled"
+    env = {"HOME": str(tmp_path)}
+    assert not use_the_token_ray_left("local", env) and "RAY_AUTH_MODE" not in env  # a new cluster: Ray decides
+    env = {"HOME": str(tmp_path / "elsewhere"), "RAY_AUTH_TOKEN": "b" * 32}
+    assert use_the_token_ray_left("head:6379", env) and env["RAY_AUTH_MODE"] == "token"

@@ -3,7 +3,6 @@ as a user runs it: the same lines as a local `caption`, each image once whatever
 process, the driver), Ctrl-C, a cluster that is not there, a worker that cannot open its bundle, no ray."""
 
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ from llava_edge.bench.caption_case import make_images
 from llava_edge.caption.ray_cluster import plan_workers
 from llava_edge.errors import UserError
 
+from caption_run import PROMPT, assert_each_once, caption, caption_cmd, read_lines
 from hide_modules import cli_without
 from ray_cluster import LocalCluster, free_port
 
@@ -25,32 +25,6 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).parents[1]
 BUNDLE = ROOT / "llava_edge" / "assets" / "demo" / "bundle"
-PROMPT = "Describe the image."
-NO_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
-            "from llava_edge.cli import main; main()")
-
-
-def caption_cmd(*args):
-    return [sys.executable, "-c", NO_TORCH, "caption", *map(str, args), "--threads", "1"]
-
-
-def caption(env, *args, timeout=240):
-    return subprocess.run(caption_cmd(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
-
-
-def read_lines(path: Path) -> list[dict]:
-    data = path.read_bytes()
-    assert data.endswith(b"\n"), "the file ends inside a line"
-    return [json.loads(line) for line in data.splitlines()]
-
-
-def assert_each_once(out: Path, folder: Path) -> list[dict]:
-    lines = read_lines(out)
-    paths = [r["path"] for r in lines]
-    assert len(paths) == len(set(paths)), "a line is repeated"
-    assert sorted(Path(p) for p in paths) == sorted(folder.iterdir())
-    assert all(r.get("answer") for r in lines)
-    return lines
 
 
 def run_until(env, out: Path, n_lines: int, *args) -> subprocess.Popen:
@@ -79,30 +53,19 @@ def cluster(request):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """The examples and the test images (PNG, JPEG, RGBA, 16-bit, palette, grey), a byte copy, a broken file."""
-    d = tmp_path_factory.mktemp("photos")
-    for p in [*sorted((ROOT / "examples").glob("*.png")), *sorted(f for f in (ROOT / "tests" / "data").iterdir() if f.is_file())]:
-        shutil.copy(p, d / p.name)
-    shutil.copy(ROOT / "examples" / "green_triangle.png", d / "zz_copy.png")
-    (d / "broken.png").write_bytes((ROOT / "examples" / "green_triangle.png").read_bytes()[:400])
-    return d
-
-
-@pytest.fixture(scope="module")
 def many(tmp_path_factory):
     d = tmp_path_factory.mktemp("many")
     make_images(d, 160, seed=11)
     return d
 
 
-def test_lines_equal_local_caption(cluster, folder, tmp_path):
+def test_lines_equal_local_caption(cluster, caption_folder, tmp_path):
     local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
-    proc = caption(cluster.env, folder, "--out", local, "--parallel", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = caption(cluster.env, folder, "--out", remote, "--parallel", "2", "--ray", cluster.address,
-                   "--workers", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = caption(caption_folder, "--out", local, "--parallel", "2", env=cluster.env)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the broken file has no answer
+    proc = caption(caption_folder, "--out", remote, "--parallel", "2", "--ray", cluster.address, "--workers", "2",
+                   env=cluster.env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
     assert "2 workers of 1 threads, on a cluster of 2 nodes (2 CPUs)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -111,21 +74,39 @@ def test_lines_equal_local_caption(cluster, folder, tmp_path):
                 for r in read_lines(out)}
 
     got = by_path(remote)
-    assert len(read_lines(remote)) == len(list(folder.iterdir())) == len(got)
+    assert len(read_lines(remote)) == len(list(caption_folder.iterdir())) == len(got)
     assert got == by_path(local)
     for name in ("green_triangle.png", "broken.png"):  # the lines themselves, against the files
-        sha, prompt, answer, error, _ = got[str(folder / name)]
-        assert sha == hashlib.sha256((folder / name).read_bytes()).hexdigest() and prompt == PROMPT
-    assert got[str(folder / "green_triangle.png")][2] == "A green triangle."
-    assert str(folder / "broken.png") in got[str(folder / "broken.png")][3]
-    # a rerun has nothing to do and says so without touching the cluster's workers
-    again = caption(cluster.env, folder, "--out", remote, "--ray", cluster.address)
-    assert again.returncode == 0 and f"0 lines written to {remote}, {len(got)} already there" in again.stderr
+        sha, prompt, answer, error, _ = got[str(caption_folder / name)]
+        assert sha == hashlib.sha256((caption_folder / name).read_bytes()).hexdigest() and prompt == PROMPT
+    assert got[str(caption_folder / "green_triangle.png")][2] == "A green triangle."
+    assert str(caption_folder / "broken.png") in got[str(caption_folder / "broken.png")][3]
+    # a rerun asks again only the file without an answer
+    again = caption(caption_folder, "--out", remote, "--ray", cluster.address, env=cluster.env)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert f"1 lines written to {remote}, 1 errors (a rerun tries them again), {len(got) - 1} already there" in again.stderr
+    assert read_lines(remote)[-1]["path"] == str(caption_folder / "broken.png")
 
 
-def test_ray_client_address_gives_the_same_lines(cluster, folder, tmp_path):
+def test_the_token_ray_left_in_the_home_dir_is_used(cluster, tmp_path):
+    """As after `ray start --head` found ~/.ray/auth_token (Ray 2.59+): the cluster wants the token, and the
+    driver's environment says nothing of token authentication."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in cluster.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")} | {"HOME": str(home)}
+    out = tmp_path / "token.jsonl"
+    args = (ROOT / "examples" / "green_triangle.png", "--out", out, "--ray", cluster.address)
+    refused = caption(*args, env=env)  # no token at hand: the cluster refuses the driver
+    assert refused.returncode == 2 and "cannot join the cluster" in refused.stderr, refused.stderr[-3000:]
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(cluster.env["RAY_AUTH_TOKEN"])
+    proc = caption(*args, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["answer"] for r in read_lines(out)] == ["A green triangle."]
+
+
+def test_ray_client_address_gives_the_same_lines(cluster, caption_folder, tmp_path):
     out = tmp_path / "client.jsonl"
-    proc = caption(cluster.env, ROOT / "examples", "--out", out, "--ray", cluster.client_address, "--workers", "2")
+    proc = caption(ROOT / "examples", "--out", out, "--ray", cluster.client_address, "--workers", "2", env=cluster.env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     answers = {Path(r["path"]).name: r["answer"] for r in read_lines(out)}
     assert answers["green_triangle.png"] == "A green triangle."
@@ -164,13 +145,13 @@ def test_ctrl_c_then_sigkill_then_resume(cluster, many, tmp_path):
     second = len(read_lines(out))  # whole lines only: a torn tail would fail here or be cut by the rerun
     assert second < len(list(many.iterdir())), "the kill did not land mid-run"
 
-    again = caption(cluster.env, *args)
+    again = caption(*args, env=cluster.env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already there" in again.stderr
     assert_each_once(out, many)
 
 
-def test_a_worker_that_cannot_open_the_bundle_fails_the_run_in_one_line(cluster, folder, tmp_path):
+def test_a_worker_that_cannot_open_the_bundle_fails_the_run_in_one_line(cluster, caption_folder, tmp_path):
     bad = tmp_path / "bundle"
     shutil.copytree(BUNDLE, bad)
     decoder = next(bad.glob("decoder-*.gguf"))
@@ -178,7 +159,7 @@ def test_a_worker_that_cannot_open_the_bundle_fails_the_run_in_one_line(cluster,
     data[-1] ^= 0xFF  # the manifest's sha256 no longer matches: the worker's Engine.open refuses it
     decoder.write_bytes(bytes(data))
     out = tmp_path / "bad.jsonl"
-    proc = caption(cluster.env, ROOT / "examples", "--out", out, "--bundle", bad, "--ray", cluster.address)
+    proc = caption(ROOT / "examples", "--out", out, "--bundle", bad, "--ray", cluster.address, env=cluster.env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("llava-edge: error:")]
     assert len(errors) == 1 and "cannot open the bundle" in errors[0] and "sha256" in errors[0], proc.stderr[-2000:]
@@ -189,16 +170,16 @@ def test_a_worker_that_cannot_open_the_bundle_fails_the_run_in_one_line(cluster,
 def test_local_starts_a_cluster_here(cluster, tmp_path):
     out = tmp_path / "local-cluster.jsonl"
     env = {**cluster.env, "RAY_TMPDIR": cluster.temp_dir}
-    proc = caption(env, ROOT / "examples" / "green_triangle.png", "--out", out, "--ray", "local")
+    proc = caption(ROOT / "examples" / "green_triangle.png", "--out", out, "--ray", "local", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["answer"] for r in read_lines(out)] == ["A green triangle."]
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "nowhere"])
-def test_an_unreachable_cluster_is_one_line_and_exit_2(address, folder, tmp_path):
+def test_an_unreachable_cluster_is_one_line_and_exit_2(address, caption_folder, tmp_path):
     address = address.format(port=free_port())  # nothing listens there
     t0 = time.monotonic()
-    proc = caption(dict(os.environ), folder, "--out", tmp_path / "x.jsonl", "--ray", address, timeout=60)
+    proc = caption(caption_folder, "--out", tmp_path / "x.jsonl", "--ray", address, env=dict(os.environ), timeout=60)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert time.monotonic() - t0 < 30
     errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("llava-edge: error:")]

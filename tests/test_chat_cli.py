@@ -1,7 +1,6 @@
 """`llava-edge chat` as a user runs it (a real process each time): answers, JSON, the REPL, and every kind of
 bad input ending in exit 2 with one line on stderr, never a traceback or a native abort."""
 
-import contextlib
 import json
 import shutil
 import subprocess
@@ -82,28 +81,12 @@ def tmp_missing() -> Path:
     return ROOT / "no-such-image.png"
 
 
-def test_repl_ctrl_c_stops_the_answer_not_the_chat(monkeypatch, capsys):
+def test_repl_ctrl_c_stops_the_answer_not_the_chat(monkeypatch, capsys, fake_session):
     from llava_edge import chat as chat_module
-
-    class FakeSession:
-        def __init__(self):
-            self.asked = []
-
-        def while_typing(self):
-            return contextlib.nullcontext()
-
-        def set_image(self, image):
-            pass
-
-        def ask(self, question, sampling):
-            self.asked.append(question)
-            yield "partial"
-            if len(self.asked) == 1:
-                raise KeyboardInterrupt
 
     lines = iter(["first", "second", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    session = FakeSession()
+    session = fake_session(answer="partial", stop_answer={1})
     chat_module.repl(session, GREEN, None)
     out = capsys.readouterr().out
     assert session.asked == ["first", "second"] and "[stopped]" in out

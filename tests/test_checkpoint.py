@@ -109,6 +109,7 @@ def assert_one_line_error(result, must_name):
     assert must_name in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_info_reports_a_good_checkpoint(hf, tmp_path):
     path = save_hf_layout(hf, tmp_path / "ok", "sharded")
     result = run_info(path, "--json")
@@ -123,6 +124,7 @@ def test_unknown_format(tmp_path):
     assert_one_line_error(run_info(tmp_path), "config.json")
 
 
+@pytest.mark.slow
 def test_missing_shard(hf, tmp_path):
     path = save_hf_layout(hf, tmp_path / "sharded", "sharded")
     shard = sorted(path.glob("model-*.safetensors"))[-1]
@@ -130,6 +132,7 @@ def test_missing_shard(hf, tmp_path):
     assert_one_line_error(run_info(path), shard.name)
 
 
+@pytest.mark.slow
 def test_shape_mismatch(hf, tmp_path):
     path = save_hf_layout(hf, tmp_path / "bad-shape", "save_pretrained")
     config = json.loads((path / "config.json").read_text())
@@ -142,6 +145,7 @@ class NotATensor:
     pass
 
 
+@pytest.mark.slow
 def test_bin_with_a_non_tensor_pickle_is_refused(hf, tmp_path):
     clip = save_full_clip(hf, tmp_path / "clip")
     ckpt = save_liuhaotian_layout(hf, tmp_path / "liu", "clip", n_shards=2)

@@ -64,6 +64,7 @@ def test_patch_columns_give_object_patches_their_object_centre():
     ]
 
 
+@pytest.mark.slow
 def test_micro_run_learns_and_writes_a_clip_dir(tmp_path):
     data = tmp_path / "data"
     build_dataset(data, 96, 2, seed=3, progress=False)
@@ -92,6 +93,7 @@ def _one_epoch(data, out, seed=0):
     return out
 
 
+@pytest.mark.slow
 def test_saved_tower_matches_transformers_at_layer_minus_2_and_is_seeded(tmp_path):
     from safetensors.torch import load_file
     from transformers import CLIPVisionModel

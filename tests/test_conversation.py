@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from spm_fixture import load_hf_llama_tokenizer, llava_tokenizer_image_token
+from spm_fixture import llava_tokenizer_image_token
 
 from llava_edge.conversation import (
     IMAGE_TOKEN_INDEX,
@@ -77,12 +77,6 @@ def test_only_last_turn_may_be_open():
 
 
 # ---- tokenize_prompt vs LLaVA's tokenizer_image_token ----------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(model_dir):
-    pytest.importorskip("transformers")
-    return load_hf_llama_tokenizer(model_dir)
 
 
 # Prompts whose text pieces do not start with a space: there the transformers-5 Llama tokenizer (HF `tokenizers`

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from spm_fixture import load_hf_llama_tokenizer, llava_tokenizer_image_token
+from spm_fixture import llava_tokenizer_image_token
 
 from llava_edge.errors import UserError
 from llava_edge.image import load_image, preprocess
@@ -226,12 +226,6 @@ RECORDS_PLAIN = [
     {"image": "a.png", "conversations": conv("<image>\nDescribe the image.", "A red circle.")},
     {"image": "a.png", "conversations": conv("Render a caption.\n<image>", "Two shapes: 1 red, 1 blue")},
 ]
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(model_dir):
-    pytest.importorskip("transformers")
-    return load_hf_llama_tokenizer(model_dir)
 
 
 @pytest.mark.parametrize("index", range(len(RECORDS_V1)))

@@ -66,6 +66,7 @@ def test_fixture_is_a_vicuna_checkpoint_on_the_shapes_vocab(loaded, sp, records)
     assert len({r["image"] for r in records}) < len(records)
 
 
+@pytest.mark.slow
 def test_runs_end_to_end(ckpt, world, records, tmp_path):
     result = evaluate(ckpt, world["test"], progress=False, max_new_tokens=8)
 

@@ -65,6 +65,7 @@ def test_f32_bundle_matches_the_reference(ckpt, f32_bundle):
     assert check["argmax_identical"], check
 
 
+@pytest.mark.slow
 def test_q8_bundle_with_mmproj_and_auto_vision(ckpt, tmp_path):
     out = tmp_path / "q8"
     manifest = pipeline.export_bundle(pipeline.ExportOptions(
@@ -78,6 +79,7 @@ def test_q8_bundle_with_mmproj_and_auto_vision(ckpt, tmp_path):
     assert manifest["parity"]["decoder"]["top1_agreement"] >= 0.9
 
 
+@pytest.mark.slow
 def test_interrupted_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

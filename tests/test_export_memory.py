@@ -5,7 +5,6 @@ import mmap
 import gc
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -24,26 +23,36 @@ def test_anonymous_and_file_backed_peaks_are_apart(tmp_path):
     with PeakMemory(interval_s=0.01) as mem:
         base = mem.result()
         block = np.ones(160 * MB, dtype=np.uint8)  # anonymous, touched
-        time.sleep(0.1)
+        mem.result()  # answered after a sample taken while the block is held
         del block
         with open(data, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             assert sum(m[i] for i in range(0, len(m), 4096)) == len(m) // 4096  # every page read
-            time.sleep(0.1)
+            mem.result()
     got = mem.result()
     assert got["peak_rss_anon_mb"] - base["peak_rss_anon_mb"] >= 150
     assert got["peak_rss_file_mb"] - base["peak_rss_file_mb"] >= 180
     assert got["peak_rss_anon_mb"] - base["peak_rss_anon_mb"] < 180  # the mapped file is not counted as anonymous
 
 
+# A child that holds 200 MiB until its stdin closes, and says when it holds them.
+HOLDING_CHILD = ("import numpy, sys; a = numpy.ones(200 * 2**20, dtype=numpy.uint8); print('holding', flush=True); "
+                 "sys.stdin.read()")
+
+
 def test_children_count_and_steps_keep_their_own_peaks():
-    child = "import numpy, time; a = numpy.ones(200 * 2**20, dtype=numpy.uint8); time.sleep(0.6)"
     gc.collect()
     own_before = read_status()["RssAnon"] / 1024
     with PeakMemory(interval_s=0.01) as mem:
         mem.step("quiet")
-        time.sleep(0.05)
+        # step() returns once the watcher has switched: the child started next (whose fork briefly counts this
+        # process's memory twice) is never sampled under "quiet"
         mem.step("child")
-        subprocess.run([sys.executable, "-c", child], check=True)
+        child = subprocess.Popen([sys.executable, "-c", HOLDING_CHILD], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline() == "holding\n"
+        mem.result()  # answered after a sample taken while the child holds its memory
+        child.stdin.close()
+        assert child.wait() == 0
     got = mem.result()
     # this process's own memory may shrink meanwhile (earlier tests' garbage returned to the OS)
     own = max(own_before, read_status()["RssAnon"] / 1024)
@@ -66,6 +75,7 @@ def fp16_ckpt(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_export_measures_parity_without_an_fp32_decoder_and_records_memory(fp16_ckpt, tmp_path, monkeypatch):
     seen = {}
     load = pipeline.load_checkpoint

@@ -61,6 +61,7 @@ def test_readme_names_its_demo_questions():
         assert (ROOT / command.split()[2]).is_file(), command
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not LLAVA_EDGE.is_file(), reason="the llava-edge script is not installed in this environment")
 @pytest.mark.parametrize("command, answer", readme_demo_commands())
 def test_readme_demo_question_is_answered_as_written(command, answer):
@@ -128,6 +129,7 @@ def test_heavy_commands_say_what_to_install(args, extra):
     assert_one_line_error(proc, "torch", f"llava-edge[{extra}]", "--index-url https://download.pytorch.org/whl/cpu")
 
 
+@pytest.mark.slow
 def test_chat_runs_without_torch():
     proc = run_without_torch("chat", GREEN, "--prompt", "Describe the image.", "--threads", "1")
     assert proc.returncode == 0 and proc.stdout == "A green triangle.\n", proc.stderr

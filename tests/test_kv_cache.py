@@ -127,6 +127,7 @@ def _writer(directory, seed, rounds):
         cache.put(key(), blob(200_000, seed))
 
 
+@pytest.mark.slow
 def test_concurrent_writers_never_leave_a_torn_entry(tmp_path):
     ctx = mp.get_context("spawn")
     writers = [ctx.Process(target=_writer, args=(str(tmp_path), seed, 15)) for seed in range(3)]

@@ -16,7 +16,7 @@ from llava_edge.reference.checkpoint import load_checkpoint
 from tiny_checkpoints import make_hf_model, save_hf_layout
 
 
-@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
+@pytest.fixture(scope="module", params=["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
 def fp32_graph(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
     model = load_checkpoint(save_hf_layout(make_hf_model(image_size=56, seed=4), d / "llava", "save_pretrained")).model

@@ -115,6 +115,7 @@ def test_graph_runs_only_the_needed_layers(exported):
     assert all(n.domain in ("", "ai.onnx") for n in onnx.load(str(report.path)).graph.node)  # standard ops only
 
 
+@pytest.mark.slow
 def test_default_dynamo_export_matches(tmp_path):
     model = load_variant("llava-hf-28-layers-3-1-patch", tmp_path)
     report = export_vision_onnx_report(model, tmp_path / "vision.onnx")
@@ -126,6 +127,7 @@ def test_default_dynamo_export_matches(tmp_path):
         assert row["patches_equal"] == 1.0 and row["cosine_min"] >= 0.99999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llava-hf-28-layer-2-patch", "llava-hf-56-layer-1-full"])
 def test_fused_export_matches_and_quantizes(tmp_path, name):
     model = load_variant(name, tmp_path)
@@ -139,6 +141,7 @@ def test_fused_export_matches_and_quantizes(tmp_path, name):
     assert choose_precision(report.path, pixels(2, size), model, "int8").cosine >= 0.999
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exporter, fuse", [("torchscript", True), ("dynamo", False)])  # both save paths
 def test_weights_go_to_one_external_file_when_the_graph_is_too_big(tmp_path, monkeypatch, exporter, fuse):
     model = load_variant("llava-hf-28-layer-2-patch", tmp_path)
@@ -160,6 +163,7 @@ def test_single_file_writer_reads_back_as_the_same_model(exported, tmp_path):
     assert np.array_equal(run_onnx(tmp_path / "copy.onnx", pixels(1, size)), run_onnx(report.path, pixels(1, size)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("requested, bound", [("fp16", 0.9999), ("int8", 0.999)])
 def test_reduced_precision_holds_its_fidelity_bound(exported, requested, bound):
     model, report = exported
@@ -180,6 +184,7 @@ def test_reduced_precision_holds_its_fidelity_bound(exported, requested, bound):
     assert all(row["cosine_min_same_patches"] >= bound for row in parity.values() if row["patches_equal"])
 
 
+@pytest.mark.slow
 def test_auto_keeps_int8_only_above_the_threshold(exported, monkeypatch):
     model, report = exported
     calib = pixels(2, model.cfg.vision.image_size, seed=13)

@@ -57,6 +57,7 @@ def test_stage1_trains_the_projector_only(parts, stage1):
     assert [m["step"] for m in metrics] == list(range(1, 7)) and all(m["samples_per_s"] > 0 for m in metrics)
 
 
+@pytest.mark.slow
 def test_stage2_output_is_a_loadable_checkpoint(parts, stage1, tmp_path):
     out1, _ = stage1
     out = tmp_path / "stage2"
@@ -76,6 +77,7 @@ def test_stage2_output_is_a_loadable_checkpoint(parts, stage1, tmp_path):
     assert isinstance(loaded.model.generate(ids, pix, max_new_tokens=3), list)
 
 
+@pytest.mark.slow
 def test_stage2_lora_merges_into_the_saved_llm(parts, stage1, tmp_path):
     out1, _ = stage1
     out = tmp_path / "lora"
@@ -96,6 +98,7 @@ def test_stage2_lora_merges_into_the_saved_llm(parts, stage1, tmp_path):
     assert (a - b).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_loss_curve(parts, stage1, tmp_path):
     out1, _ = stage1
     kw = dict(projector=str(out1 / "mm_projector.bin"), epochs=3, save_every=2)

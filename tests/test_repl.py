@@ -2,7 +2,6 @@
 them. Line editing and history (kept across sessions in the cache dir), Ctrl-C clears the line, /image with
 a quoted path and with ~, /help, Ctrl-D ends the chat."""
 
-import contextlib
 import json
 import os
 import re
@@ -41,9 +40,11 @@ class Terminal:
             command = ["-c", code]
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: becomes llava-edge
-            # as from a terminal's shell: Ctrl-C interrupts (a parent run in the background, as CI may be, ignores
-            # SIGINT, and an ignored signal stays ignored across exec)
+            # as from a terminal's shell: Ctrl-C interrupts. A runner started in the background (as CI may be)
+            # ignores SIGINT, or blocks it (a supervisor that waits for signals); both the ignored disposition and
+            # the blocked mask survive exec, and readline's Ctrl-C then never arrives.
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, set())
             os.chdir(ROOT)
             os.execve(sys.executable, [sys.executable, *command, *args], env)
         self.seen = b""
@@ -57,6 +58,23 @@ class Terminal:
     def prompt(self, count: int, timeout: float = 180) -> None:
         """Wait for the count-th prompt to be reading keys (what is typed before that is not an edit)."""
         self._wait(lambda: self.seen.count(self.ready) >= count, f"prompt #{count}", timeout)
+
+    def reading_keys(self, timeout: float = 180) -> None:
+        """Wait until the chat's main thread sleeps in its wait for a key. Readline needs this before a Ctrl-C:
+        CPython's readline looks at signals only when its select() is interrupted, so a SIGINT that lands
+        while it is still echoing the last key (a loaded machine preempts it there) waits for the next key."""
+        task = Path(f"/proc/{self.pid}/task/{self.pid}")
+        if not task.exists():  # no /proc: nothing to wait on
+            return
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text().strip()
+            # wchan reads "0" where the kernel hides it: then sleeping is the best there is to know
+            if state == "S" and ("poll" in wchan or "select" in wchan or wchan in ("", "0")):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"the chat never waited for a key; the terminal shows:\n{self.text()[-3000:]}")
 
     def expect(self, needle: str, count: int = 1, timeout: float = 180) -> None:
         self._wait(lambda: self.text().count(needle) >= count, f"{needle!r} x{count}", timeout)
@@ -145,9 +163,6 @@ def test_terminal_chat_keys_history_and_commands(term_env, tmp_path):
     assert t.wait() == 0
 
 
-@pytest.mark.skipif(signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
-                    reason="this test runner ignores SIGINT (started in the background): readline's Ctrl-C "
-                           "did not reach the chat under it, even with SIGINT reset in the child")
 def test_readline_does_the_same_without_prompt_toolkit(term_env, tmp_path):
     pytest.importorskip("readline")
     for session in (1, 2):  # the second session recalls the first one's question
@@ -161,6 +176,7 @@ def test_readline_does_the_same_without_prompt_toolkit(term_env, tmp_path):
         t.prompt(2)
         t.send(b"half a question")
         t.expect("half a question")
+        t.reading_keys()
         t.send(b"\x03")
         t.prompt(3)
         t.send(UP + b"\r")
@@ -210,35 +226,19 @@ def test_image_argument_expands_the_home_dir(monkeypatch, tmp_path):
     assert image_argument("'~/a b.png'") == tmp_path / "a b.png"
 
 
-def test_ctrl_c_while_an_image_loads_keeps_the_chat(capsys):
+def test_ctrl_c_while_an_image_loads_keeps_the_chat(capsys, fake_session):
     from llava_edge import chat as chat_module
-
-    class Session:
-        def __init__(self):
-            self.images, self.asked = [], []
-
-        def while_typing(self):
-            return contextlib.nullcontext()
-
-        def set_image(self, image):
-            self.images.append(image)
-            if len(self.images) == 2:
-                raise KeyboardInterrupt
-
-        def ask(self, question, sampling):
-            self.asked.append(question)
-            yield "answer"
 
     def read_line(prompt, lines=iter(["/image other.png", "still here?", "/quit"])):
         return next(lines)
 
-    session = Session()
+    session = fake_session(stop_image={2})
     chat_module.repl(session, GREEN, None, read_line=read_line)
     assert session.asked == ["still here?"]
     assert "still about the previous image" in capsys.readouterr().err
 
 
-def test_ctrl_c_at_the_prompt_asks_again_and_ctrl_d_ends(capsys):
+def test_ctrl_c_at_the_prompt_asks_again_and_ctrl_d_ends(fake_session):
     from llava_edge import chat as chat_module
 
     events = iter([KeyboardInterrupt, "question", EOFError])
@@ -249,21 +249,9 @@ def test_ctrl_c_at_the_prompt_asks_again_and_ctrl_d_ends(capsys):
             raise event
         return event
 
-    class Session:
-        asked = []
-
-        def while_typing(self):
-            return contextlib.nullcontext()
-
-        def set_image(self, image):
-            pass
-
-        def ask(self, question, sampling):
-            self.asked.append(question)
-            yield "answer"
-
-    chat_module.repl(Session(), GREEN, None, read_line=read_line)
-    assert Session.asked == ["question"]
+    session = fake_session()
+    chat_module.repl(session, GREEN, None, read_line=read_line)
+    assert session.asked == ["question"]
 
 
 # --------------------------------------------------------------------------- the prefill while the user types
@@ -287,6 +275,7 @@ def slow_chat(args: list[str], env: dict[str, str]) -> Terminal:
     return Terminal(args, env, code=SLOW_DECODER)
 
 
+@pytest.mark.slow
 def test_ctrl_c_image_and_ctrl_d_during_the_prefill(term_env):
     t = slow_chat(["chat", str(GREEN), "--threads", "1"], term_env)
     t.prompt(1)
@@ -312,6 +301,7 @@ def test_ctrl_c_image_and_ctrl_d_during_the_prefill(term_env):
     assert "[stopped]" not in t.text() and "Traceback" not in t.text()
 
 
+@pytest.mark.slow
 def test_a_question_typed_after_the_prefill_costs_only_its_own_tokens(term_env):
     t = slow_chat(["chat", str(GREEN), "--threads", "1", "--json"], term_env)
     t.prompt(1)

@@ -63,6 +63,7 @@ def reference_logits(ckpt, image_path, question):
     return logits[0, -1].numpy()
 
 
+@pytest.mark.slow
 def test_first_token_logits_match_the_reference_at_f32(tiny):
     ckpt, bundle = tiny
     session = ChatSession.open(bundle, threads=THREADS, f32_kv=True)
@@ -189,6 +190,7 @@ def test_providers(capsys):
         choose_providers("npu", ["CPUExecutionProvider"])
 
 
+@pytest.mark.slow
 def test_vision_matches_the_reference_on_exif_rotated_and_rgba_images(tiny, tmp_path):
     """Images that need care (EXIF rotation, alpha, 16-bit) reach the graph exactly as the reference sees them."""
     from PIL import Image

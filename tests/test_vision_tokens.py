@@ -149,6 +149,7 @@ def test_a_manifest_naming_an_input_the_graph_lacks_is_refused(tiny, tmp_path):
         open_bundle(old)
 
 
+@pytest.mark.slow
 def test_refresh_brings_an_old_bundle_up_to_date_and_leaves_the_decoder(tiny, tmp_path):
     from llava_edge.export.vision_refresh import refresh_vision
 

@@ -119,69 +119,94 @@ def case_n_ctx(case: Case) -> int:
 def measure_case(case: Case, cfg: BenchConfig, work: Path, progress) -> dict:
     """Every path of a case, interleaved: all workers loaded and warmed up first, then round r runs each path
     once, in an order rotated by r, so a change of the machine's load reaches every path alike."""
-    spec = case_spec(case, cfg)
-    logs = work / "logs"
     kv_dir = work / f"kv-cache-{case.name}"
     shutil.rmtree(kv_dir, ignore_errors=True)
-    results: dict[str, dict] = {}
-    runs: dict[str, list[dict]] = {}
-    workers: dict[str, Worker] = {}
+    run = CaseRun(case_spec(case, cfg), work / "logs", kv_dir)
     names = case_paths(case, cfg)
-
-    def start(name: str, extra: dict | None = None) -> Worker | None:
-        try:
-            return Worker(name, {**spec, **(extra or {})}, logs)
-        except (RuntimeError, OSError) as e:
-            results[name] = {"error": str(e)}
-            return None
-
-    for name in names:
-        if name == "edge_kv":  # a process that prefills the image and saves its prefix state
-            filler = start("edge_kv", {"kv_cache_dir": str(kv_dir)})
-            if filler is not None:
-                results["edge_kv_fill"] = _finish(filler, [filler.run()])
-            progress.update(1)
-            continue
-        extra = {"n_prompt_tokens": workers["edge"].ready.get("n_prompt_tokens", 128)} if name == "plain" and "edge" in workers else {}
-        worker = start(name, extra)
-        if worker is not None:
-            workers[name] = worker
-            runs[name] = []
-        progress.update(1)
-    kv_ok = "edge_kv" in names and "error" not in results.get("edge_kv_fill", {"error": ""})
-    if kv_ok:
-        runs["edge_kv"], kv_ends = [], []
-    rotation = [n for n in names if n in workers or (n == "edge_kv" and kv_ok)]
+    run.start_all(names, progress)
+    rotation = [n for n in names if n in run.workers or (n == "edge_kv" and run.kv_ok)]
     for r in range(cfg.runs):
         for name in round_order(rotation, r):
-            try:
-                if name == "edge_kv":  # a NEW process each time: what a later run of the program meets
-                    w = Worker("edge_kv", {**spec, "kv_cache_dir": str(kv_dir)}, logs)
-                    runs[name].append(w.run())
-                    kv_ends.append(w.end())
-                elif name in workers:
-                    runs[name].append(workers[name].run())
-            except (RuntimeError, OSError) as e:
-                results[name] = {"error": str(e)}
-                if name in workers:
-                    workers.pop(name).close()
-                if name == "edge_kv":
-                    kv_ok = False
+            run.run_once(name)
         progress.update(1)
-    for name, worker in workers.items():
-        if name not in results:
-            try:
-                results[name] = _finish(worker, runs[name])
-            except (RuntimeError, OSError) as e:
-                results[name] = {"error": str(e)}
-    if kv_ok and runs.get("edge_kv"):
-        results["edge_kv"] = {"n_ctx": kv_ends[-1].get("n_ctx"), **_peaks(kv_ends), **summarize(runs["edge_kv"]),
-                              "processes": len(kv_ends)}
-    ordered = {n: results[n] for n in [*names, "edge_kv_fill"] if n in results}
-    if "edge_vision" in ordered and "graphs" in ordered["edge_vision"]:
-        for precision, g in ordered["edge_vision"]["graphs"].items():
-            g["vision_ms"] = ordered["edge_vision"].pop(f"{precision}_vision_ms", None)
-    return ordered
+    return run.results_in_order(names)
+
+
+@dataclass
+class CaseRun:
+    """One case's measurement under way: its loaded workers, their timed runs so far, and each path's result
+    (an error in place of a path that failed). edge_kv runs as a new process each time, over `kv_dir`."""
+
+    spec: dict
+    logs: Path
+    kv_dir: Path
+    results: dict[str, dict] = field(default_factory=dict)
+    runs: dict[str, list[dict]] = field(default_factory=dict)
+    workers: dict[str, Worker] = field(default_factory=dict)
+    kv_ends: list[dict] = field(default_factory=list)
+    kv_ok: bool = False
+
+    def start(self, name: str, extra: dict | None = None) -> Worker | None:
+        try:
+            return Worker(name, {**self.spec, **(extra or {})}, self.logs)
+        except (RuntimeError, OSError) as e:
+            self.results[name] = {"error": str(e)}
+            return None
+
+    def start_all(self, names: list[str], progress) -> None:
+        """Every path's worker loaded and warmed up; for edge_kv, a process that prefills the image and saves
+        its prefix state (the timed edge_kv runs then find it)."""
+        for name in names:
+            if name == "edge_kv":
+                filler = self.start("edge_kv", {"kv_cache_dir": str(self.kv_dir)})
+                if filler is not None:
+                    self.results["edge_kv_fill"] = _finish(filler, [filler.run()])
+                progress.update(1)
+                continue
+            extra = {}
+            if name == "plain" and "edge" in self.workers:  # a prompt as long as the edge path's
+                extra = {"n_prompt_tokens": self.workers["edge"].ready.get("n_prompt_tokens", 128)}
+            worker = self.start(name, extra)
+            if worker is not None:
+                self.workers[name] = worker
+                self.runs[name] = []
+            progress.update(1)
+        self.kv_ok = "edge_kv" in names and "error" not in self.results.get("edge_kv_fill", {"error": ""})
+        if self.kv_ok:
+            self.runs["edge_kv"] = []
+
+    def run_once(self, name: str) -> None:
+        """One timed run of a path; a path that fails is dropped with its error."""
+        try:
+            if name == "edge_kv":  # a NEW process each time: what a later run of the program meets
+                w = Worker("edge_kv", {**self.spec, "kv_cache_dir": str(self.kv_dir)}, self.logs)
+                self.runs[name].append(w.run())
+                self.kv_ends.append(w.end())
+            elif name in self.workers:
+                self.runs[name].append(self.workers[name].run())
+        except (RuntimeError, OSError) as e:
+            self.results[name] = {"error": str(e)}
+            if name in self.workers:
+                self.workers.pop(name).close()
+            if name == "edge_kv":
+                self.kv_ok = False
+
+    def results_in_order(self, names: list[str]) -> dict:
+        """Each path's summary (the workers ended), in the order of `names`."""
+        for name, worker in self.workers.items():
+            if name not in self.results:
+                try:
+                    self.results[name] = _finish(worker, self.runs[name])
+                except (RuntimeError, OSError) as e:
+                    self.results[name] = {"error": str(e)}
+        if self.kv_ok and self.runs.get("edge_kv"):
+            self.results["edge_kv"] = {"n_ctx": self.kv_ends[-1].get("n_ctx"), **_peaks(self.kv_ends),
+                                       **summarize(self.runs["edge_kv"]), "processes": len(self.kv_ends)}
+        ordered = {n: self.results[n] for n in [*names, "edge_kv_fill"] if n in self.results}
+        if "edge_vision" in ordered and "graphs" in ordered["edge_vision"]:
+            for precision, g in ordered["edge_vision"]["graphs"].items():
+                g["vision_ms"] = ordered["edge_vision"].pop(f"{precision}_vision_ms", None)
+        return ordered
 
 
 def round_order(names: list[str], r: int) -> list[str]:

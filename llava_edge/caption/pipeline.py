@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..conversation import render_messages
@@ -40,6 +40,14 @@ class CaptionSummary:
     @property
     def images_per_s(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """130: interrupted; 1: some inputs have no answer (error lines, or answers the engine failed); 0: all
+        answered. A rerun tries the inputs without an answer again."""
+        if self.interrupted:
+            return 130
+        return 1 if self.errors or self.failed else 0
 
 
 def vision_batch_size(precision: str, wanted: int | None) -> int:
@@ -94,69 +102,107 @@ def open_engine(cfg: CaptionConfig, queue: int) -> tuple[Engine, int]:
 
 def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: list[str], results: ResultFile,
              summary: CaptionSummary) -> None:
-    from tqdm import tqdm
-
     engine, batch = open_engine(cfg, queue=2 * cfg.parallel)
     summary.demo = engine.model.is_demo
     feeder = Feeder(engine.vision, todo, batch, depth=2 * cfg.parallel + batch, budget=engine.default_budget)
-    bar = tqdm(total=summary.found, initial=summary.already_done, unit="img", desc="caption", file=sys.stderr,
-               dynamic_ncols=True, smoothing=0.1, disable=not cfg.progress)
-    bar.set_postfix(errors=0)
+    lines = LineWriter(results, summary, progress_bar(cfg, summary))
+    run = LocalRun(engine, feeder, prompt, sampling, lines, most_inflight=2 * cfg.parallel)
     stop = StopOnSignal()
     t0 = time.perf_counter()
-
-    def write(record: dict) -> None:
-        results.append(record)
-        summary.written += 1
-        summary.errors += "error" in record
-        bar.update(1)
-        if "error" in record:
-            bar.set_postfix(errors=summary.errors)
-
-    inflight: deque[tuple[Item, Generation]] = deque()
-    fed_all = False
     try:
         engine.start()
         feeder.start()
-        while not stop.requested and not (fed_all and not inflight):
-            # Keep the engine's queue full: N answers decoding and N waiting for a slot.
-            while not fed_all and len(inflight) < 2 * cfg.parallel and not stop.requested:
-                try:
-                    item = feeder.items.get(timeout=0.1 if not inflight else 0)
-                except queue.Empty:
-                    break
-                if item is END:
-                    fed_all = True
-                    if feeder.failure is not None:
-                        raise feeder.failure
-                elif item.error is not None:
-                    write({"path": item.path, "sha256": item.sha256, "prompt": prompt, "error": item.error})
-                else:
-                    inflight.append((item, engine.generate([Message("user", prompt, [item.image])], sampling)))
-            if inflight and not inflight[0][1].finished:
-                inflight[0][1].wait(0.02)  # short: an image the feeder hands over meanwhile waits at most this
-            for entry in [e for e in inflight if e[1].finished]:
-                inflight.remove(entry)
-                record = answer_record(prompt, *entry)
-                if record is None:  # not the image's fault: no line, so that a rerun tries it again
-                    summary.failed += 1
-                    bar.write(f"llava-edge: {entry[0].path}: {entry[1].error}; not written (a rerun tries again)",
-                              file=sys.stderr)
-                else:
-                    write(record)
+        while not stop.requested and not (run.fed_all and not run.inflight):
+            run.feed(stop)
+            run.take_finished()
         summary.interrupted = stop.requested
     except KeyboardInterrupt:  # a second Ctrl-C: the lines written are whole, the rest is for the rerun
         summary.interrupted = True
     finally:
         stop.restore()
         feeder.stop.set()
-        for _, gen in inflight:
+        for _, gen in run.inflight:
             gen.cancel()
         summary.seconds = time.perf_counter() - t0
         summary.encoded = feeder.encoded
-        bar.close()
+        lines.bar.close()
         engine.close()
         feeder.join(5)
+
+
+def progress_bar(cfg: CaptionConfig, summary: CaptionSummary):
+    """The run's bar on stderr: images of all found, the lines already there counted in, errors beside."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=summary.found, initial=summary.already_done, unit="img", desc="caption", file=sys.stderr,
+               dynamic_ncols=True, smoothing=0.1, disable=not cfg.progress)
+    bar.set_postfix(errors=0)
+    return bar
+
+
+@dataclass
+class LineWriter:
+    """Appends a run's lines to --out, counted in the summary and on the bar."""
+
+    results: ResultFile
+    summary: CaptionSummary
+    bar: object  # tqdm
+
+    def write(self, record: dict) -> None:
+        self.results.append(record)
+        self.summary.written += 1
+        self.summary.errors += "error" in record
+        self.bar.update(1)
+        if "error" in record:
+            self.bar.set_postfix(errors=self.summary.errors)
+
+    def note_failed(self, what: str) -> None:
+        """An answer the engine failed: no line, so that a rerun tries it again."""
+        self.summary.failed += 1
+        self.bar.write(f"llava-edge: {what}; not written (a rerun tries again)", file=sys.stderr)
+
+
+@dataclass
+class LocalRun:
+    """The decoder side of a local run: the feeder's items handed to the engine, finished answers written."""
+
+    engine: Engine
+    feeder: Feeder
+    prompt: str
+    sampling: SamplingConfig
+    lines: LineWriter
+    most_inflight: int  # N answers decoding and N waiting for a slot keep the engine's queue full
+    inflight: deque[tuple[Item, Generation]] = field(default_factory=deque)
+    fed_all: bool = False
+
+    def feed(self, stop: StopOnSignal) -> None:
+        """Hand the engine what the feeder has ready, up to most_inflight; wait briefly only when idle."""
+        while not self.fed_all and len(self.inflight) < self.most_inflight and not stop.requested:
+            try:
+                item = self.feeder.items.get(timeout=0.1 if not self.inflight else 0)
+            except queue.Empty:
+                return
+            if item is END:
+                self.fed_all = True
+                if self.feeder.failure is not None:
+                    raise self.feeder.failure
+            elif item.error is not None:
+                self.lines.write({"path": item.path, "sha256": item.sha256, "prompt": self.prompt, "error": item.error})
+            else:
+                message = Message("user", self.prompt, [item.image])
+                self.inflight.append((item, self.engine.generate([message], self.sampling)))
+
+    def take_finished(self) -> None:
+        """Write the answers that have finished, in the order they finished."""
+        if self.inflight and not self.inflight[0][1].finished:
+            self.inflight[0][1].wait(0.02)  # short: an image the feeder hands over meanwhile waits at most this
+        for entry in [e for e in self.inflight if e[1].finished]:
+            self.inflight.remove(entry)
+            record = answer_record(self.prompt, *entry)
+            if record is None:  # not the image's fault
+                self.lines.note_failed(f"{entry[0].path}: {entry[1].error}")
+            else:
+                self.lines.write(record)
 
 
 def answer_record(prompt: str, item: Item, gen: Generation) -> dict | None:
@@ -197,7 +243,7 @@ class StopOnSignal:
 def format_summary(summary: CaptionSummary, out: str | Path) -> str:
     parts = [f"{summary.written} lines written to {out}"]
     if summary.errors:
-        parts.append(f"{summary.errors} errors")
+        parts.append(f"{summary.errors} errors (a rerun tries them again)")
     if summary.failed:
         parts.append(f"{summary.failed} answers failed in the engine and were not written")
     if summary.already_done:

@@ -7,13 +7,14 @@ import importlib.util
 import logging
 import os
 import socket
+from pathlib import Path
 
 from ..errors import UserError
 
 CONNECT_TIMEOUT_S = 5.0
 LOCAL_OBJECT_STORE_BYTES = 256 << 20  # paths and JSON lines only: the images never travel
 AUTH_HINT = ("if the cluster uses token authentication, set RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN "
-             "or ~/.ray/auth_token")
+             "or ~/.ray/auth_token; if it does not, RAY_AUTH_MODE=disabled")
 
 
 def is_client_address(address: str) -> bool:
@@ -52,8 +53,24 @@ def check_reachable(address: str) -> None:
         raise UserError(f"--ray {shown}: no Ray cluster answers there ({e.strerror or e})") from None
 
 
+def use_the_token_ray_left(address: str, environ=os.environ) -> bool:
+    """Turn on token authentication for joining `address` when RAY_AUTH_MODE is unset and a token is at hand
+    (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), as Ray itself does for `auto` only. Since Ray
+    2.59, `ray start --head` authenticates with the token a local ray.init() wrote to ~/.ray/auth_token, yet a
+    driver given the address does not send it. Must run before `import ray`, which reads RAY_AUTH_MODE once.
+    True when it turned it on."""
+    if address == "local" or environ.get("RAY_AUTH_MODE") is not None:
+        return False
+    default = Path(environ.get("HOME") or Path.home()) / ".ray" / "auth_token"
+    if environ.get("RAY_AUTH_TOKEN") or environ.get("RAY_AUTH_TOKEN_PATH") or default.is_file():
+        environ["RAY_AUTH_MODE"] = "token"
+        return True
+    return False
+
+
 def connect(address: str):
     """ray, initialised on the cluster `address` names (local: a new one on this machine)."""
+    use_the_token_ray_left(address)
     import ray
 
     if is_client_address(address) and importlib.util.find_spec("grpc") is None:

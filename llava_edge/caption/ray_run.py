@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..runtime.sampling import SamplingConfig
-from .pipeline import CaptionConfig, CaptionSummary, StopOnSignal, run_caption
+from .pipeline import CaptionConfig, CaptionSummary, LineWriter, StopOnSignal, progress_bar, run_caption
 from .ray_cluster import connect, is_client_address, node_cpus, plan_workers
 from .ray_dataset import END, one_line, plan_for, rows_here, rows_through_client
 from .results import ResultFile, done_key
@@ -58,33 +58,22 @@ def _caption_on_ray(cfg: CaptionConfig, ray_cfg: RayConfig, sampling: SamplingCo
 
 
 def _write_rows(rows: queue.Queue, cfg: CaptionConfig, results: ResultFile, summary: CaptionSummary) -> None:
-    from tqdm import tqdm
-
-    bar = tqdm(total=summary.found, initial=summary.already_done, unit="img", desc="caption", file=sys.stderr,
-               dynamic_ncols=True, smoothing=0.1, disable=not cfg.progress)
-    bar.set_postfix(errors=0)
+    lines = LineWriter(results, summary, progress_bar(cfg, summary))
     written: set[tuple[str, str]] = set()
 
     def take(row: dict) -> None:
         if row["fatal"]:
             raise UserError(row["fatal"])
         if row["failed"]:
-            summary.failed += 1
-            bar.write(f"llava-edge: an answer failed in the engine ({row['failed']}); not written (a rerun tries "
-                      "again)", file=sys.stderr)
+            lines.note_failed(f"an answer failed in the engine ({row['failed']})")
             return
         record = json.loads(row["line"])
         key = done_key(record["path"], record["prompt"])
         if key in written:  # from a batch Ray ran again after its worker died
             return
         written.add(key)
-        results.append(record)
-        summary.written += 1
-        summary.errors += "error" in record
+        lines.write(record)
         summary.encoded += "answer" in record and not record["timings"]["image_cached"]
-        bar.update(1)
-        if "error" in record:
-            bar.set_postfix(errors=summary.errors)
 
     stop = StopOnSignal()  # installed after ray.init: ours, not Ray's
     t0 = time.perf_counter()
@@ -107,4 +96,4 @@ def _write_rows(rows: queue.Queue, cfg: CaptionConfig, results: ResultFile, summ
     finally:
         stop.restore()
         summary.seconds = time.perf_counter() - t0
-        bar.close()
+        lines.bar.close()

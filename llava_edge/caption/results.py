@@ -3,7 +3,9 @@ writer at a time.
 
 A line is written with one write() of the whole encoded line, newline last, so a killed process leaves at
 most a torn last line without its newline; opening the file again cuts that tail off, and the complete lines
-say what is done, so a rerun never writes an image twice.
+say what is done, so a rerun never writes an answered image twice. A line with `error` is not done: a rerun
+tries that input again and appends its new line, which supersedes the error line (the last line of a key is
+the one that holds).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class ResultFile:
         self._last_sync = time.monotonic()
 
     def open(self) -> set[tuple[str, str]]:
-        """Open for appending (created if missing), cut a torn last line, and return the done keys."""
+        """Open for appending (created if missing), cut a torn last line, and return the done keys: those whose
+        last line holds an answer (an error line's input is tried again)."""
         if self.path.is_dir():
             raise UserError(f"{self.option} {self.path} is a directory; give a .jsonl file")
         try:
@@ -73,9 +76,14 @@ class ResultFile:
         for line in complete.splitlines():
             try:
                 record = json.loads(line)
-                self.lines[self.key(record)] = record
+                key = self.key(record)
             except (ValueError, KeyError, TypeError):
                 unreadable += 1
+                continue
+            if "error" in record:
+                self.lines.pop(key, None)
+            else:
+                self.lines[key] = record
         if unreadable:
             print(f"llava-edge: note: {unreadable} lines of {self.path} are not records of this kind; left as they "
                   "are", file=sys.stderr)

@@ -90,21 +90,41 @@ def export_bundle(opts: ExportOptions) -> dict:
 
 
 def write_bundle(loaded, tmp: Path, opts: ExportOptions, quant: str, memory: PeakMemory | None = None) -> dict:
-    import sentencepiece as spm
+    """The vision graph, the decoder GGUF and the manifest with their measured parity, written into `tmp`."""
+    loaded.model.vision.float()
+    loaded.model.projector.float()
+    say = print if opts.progress else (lambda *a, **k: None)
+    memory = memory or PeakMemory()
+    vision = write_vision(loaded, tmp, opts, memory, say)
+    decoder_path = write_decoder(loaded, tmp, opts, quant, memory, say)
+    files = {"vision": file_entry(vision.path), "decoder": file_entry(decoder_path), **vision.extra_files}
 
-    from ..quant.gguf import quantize_gguf
+    say("[export] measuring parity against the reference")
+    memory.step("parity")
+    parity = {"vision": {"precision": vision.precision, **vision.parity},
+              **decoder_parities(loaded, decoder_path, vision.parity_image, opts)}
+    manifest = build_manifest(loaded, opts, quant, files, vision.precision, parity)
+    manifest["export"] = memory.result()
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+@dataclass
+class WrittenVision:
+    path: Path  # the bundle's vision graph
+    precision: str  # the one chosen
+    parity: dict  # measured against the reference, per token budget too where the graph reduces tokens
+    parity_image: torch.Tensor  # the reference's embeddings of the image the decoder parity uses
+    extra_files: dict  # the mmproj GGUF's entry, when asked for
+
+
+def write_vision(loaded, tmp: Path, opts: ExportOptions, memory: PeakMemory, say) -> WrittenVision:
+    """The vision tower and projector as ONNX at the chosen precision (and the mmproj GGUF when asked), its
+    parity measured; the tower is dropped from memory after."""
     from ..quant.onnx_vision import choose_precision
-    from .decoder_source import source_from_loaded
-    from .gguf_decoder import write_decoder_gguf
-    from .gguf_parity import decoder_parity, tokenizer_parity
     from .onnx_vision import export_vision_onnx, parity_budgets, reduction_parity, vision_parity
 
     cfg, model = loaded.config, loaded.model
-    model.vision.float()
-    model.projector.float()
-    say = print if opts.progress else (lambda *a, **k: None)
-    memory = memory or PeakMemory()
-
     say("[export] vision tower + projector -> ONNX")
     memory.step("vision_onnx")
     fp32_path = export_vision_onnx(model, tmp / "vision.fp32.onnx")
@@ -128,34 +148,40 @@ def write_bundle(loaded, tmp: Path, opts: ExportOptions, quant: str, memory: Pea
         say("[export] mmproj GGUF for llama.cpp interop")
         extra_files["mmproj"] = file_entry(write_mmproj(model, cfg, tmp / "mmproj-f16.gguf", "f16"))
     release_vision(model)
+    return WrittenVision(vision_path, chosen.precision, vision_check, parity_image, extra_files)
+
+
+def write_decoder(loaded, tmp: Path, opts: ExportOptions, quant: str, memory: PeakMemory, say) -> Path:
+    """The decoder as a GGUF: written at F16 (F32 for an F32 bundle), then quantized to `quant`."""
+    from ..quant.gguf import quantize_gguf
+    from .decoder_source import source_from_loaded
+    from .gguf_decoder import write_decoder_gguf
 
     say(f"[export] decoder -> GGUF {quant}")
     memory.step("decoder_gguf")
     base_ftype = "F32" if quant == "F32" else "F16"
-    decoder = source_from_loaded(loaded)
-    base = write_decoder_gguf(decoder, tmp / f"decoder-{base_ftype}.gguf", base_ftype, progress=opts.progress)
+    base = write_decoder_gguf(source_from_loaded(loaded), tmp / f"decoder-{base_ftype}.gguf", base_ftype,
+                              progress=opts.progress)
     decoder_path = tmp / f"decoder-{quant}.gguf"
     if quant != base_ftype:
         memory.step("quantize")
         quantize_gguf(base, decoder_path, quant, n_threads=opts.threads, progress=opts.progress)
         base.unlink()  # the F16 intermediate
-    files = {"vision": file_entry(vision_path), "decoder": file_entry(decoder_path), **extra_files}
+    return decoder_path
 
-    say("[export] measuring parity against the reference")
-    memory.step("parity")
+
+def decoder_parities(loaded, decoder_path: Path, parity_image: torch.Tensor, opts: ExportOptions) -> dict:
+    """The GGUF's tokenizer and decoder measured against the checkpoint's (on a fixed prompt with one image)."""
+    import sentencepiece as spm
+
+    from .gguf_parity import decoder_parity, tokenizer_parity
+
     sp = spm.SentencePieceProcessor(model_file=str(loaded.tokenizer_path))
-    parity = {
-        "vision": {"precision": chosen.precision, **vision_check},
-        "tokenizer": tokenizer_parity(decoder_path, loaded.tokenizer_path),
-    }
-    ids = parity_sequence(cfg, sp)
-    parity["decoder"] = decoder_parity(decoder_path, model, ids, image_embeds=parity_image, n_threads=opts.threads)
-    parity["decoder"].pop("mismatch_positions", None)
-
-    manifest = build_manifest(loaded, opts, quant, files, chosen.precision, parity)
-    manifest["export"] = memory.result()
-    write_manifest(tmp, manifest)
-    return manifest
+    tokenizer = tokenizer_parity(decoder_path, loaded.tokenizer_path)
+    ids = parity_sequence(loaded.config, sp)
+    decoder = decoder_parity(decoder_path, loaded.model, ids, image_embeds=parity_image, n_threads=opts.threads)
+    decoder.pop("mismatch_positions", None)
+    return {"tokenizer": tokenizer, "decoder": decoder}
 
 
 def release_vision(model) -> None:

@@ -41,15 +41,15 @@ def write_single_file(proto: onnx.ModelProto, path: Path) -> None:
     inits = proto.graph.initializer
     sizes = [t.ByteSize() for t in inits]
     with open(path, "wb") as f:
-        f.write(_field_header(graph_field, sum(len(_field_header(initializer_field, n)) + n for n in sizes)))
+        f.write(field_header(graph_field, sum(len(field_header(initializer_field, n)) + n for n in sizes)))
         for tensor, n in zip(inits, sizes):
-            f.write(_field_header(initializer_field, n))
+            f.write(field_header(initializer_field, n))
             f.write(tensor.SerializeToString())
         proto.graph.ClearField("initializer")
         f.write(proto.SerializeToString())
 
 
-def _field_header(field_number: int, length: int) -> bytes:
+def field_header(field_number: int, length: int) -> bytes:
     """Key and length of a length-delimited protobuf field."""
     out = bytearray()
     for n in (field_number << 3 | 2, length):

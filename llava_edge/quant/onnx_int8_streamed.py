@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_files import _field_header, save_onnx
+from .onnx_files import field_header, save_onnx
 
 _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5  # ModelProto.graph, GraphProto.initializer
 _LEN = 2  # wire type of length-delimited fields
@@ -80,7 +80,7 @@ class StreamedModel:
                 else:
                     graph_rest.append(self.buf[sub_first:sub_end])
         graph = b"".join(graph_rest)
-        self.skeleton = onnx.ModelProto.FromString(b"".join(rest) + _field_header(_MODEL_GRAPH, len(graph)) + graph)
+        self.skeleton = onnx.ModelProto.FromString(b"".join(rest) + field_header(_MODEL_GRAPH, len(graph)) + graph)
 
     def initializers(self) -> Iterator[TensorProto]:
         for start, end in self._initializers:

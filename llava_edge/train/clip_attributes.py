@@ -114,75 +114,114 @@ def attribute_set_accuracy(model, head, tokenizer, pixels, captions) -> float:
 def train_attribute_clip(cfg: AttributeClipConfig, data_dir: str | Path, out_dir: str | Path,
                          progress: bool = True) -> dict:
     """Train on data_dir/clip_pairs.json (the last cfg.heldout images held out), write the vision tower."""
-    from tqdm import tqdm
-
     c = cfg.clip
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     start = time.perf_counter()
-    pairs = json.loads((data_dir / "clip_pairs.json").read_text())
     tokenizer = TextTokenizer(data_dir / "tokenizer.model", c.text.context)
-    pixels = load_pixels(data_dir, [p["image"] for p in pairs], c.vision.image_size, progress)
-    captions = [p["caption"] for p in pairs]
-    facts = [true_texts(caption) for caption in captions]
-    train_n = len(pairs) - cfg.heldout
-    grounded = cfg.grounding_weight > 0 and all("objects" in p for p in pairs)
-    grid = c.vision.image_size // c.vision.patch_size
-    if grounded:
-        labels = torch.stack([patch_labels(p, grid) for p in pairs])
-    positioned = cfg.position_weight > 0 and all("objects" in p for p in pairs)
-    if positioned:
-        columns = torch.stack([patch_columns(p, grid, cfg.position_bins) for p in pairs])
-
-    model, head = ClipModel(c, tokenizer.vocab_size), PatchHead(c.vision.hidden_size, c.embed_dim)
-    model.head = head  # registered so that the optimizer sees it
-    if positioned:
-        width = c.vision.hidden_size
-        model.column_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, cfg.position_bins))
-    model.train()
-    optimizer = make_optimizer(model, c)
-    steps_per_epoch = train_n // c.batch_size
-    total = steps_per_epoch * c.epochs
-    warmup = max(1, total // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total, warmup))
-    bar = tqdm(total=total, desc="clip (attributes)", unit="step", disable=not progress)
-    epoch_losses = []
-    for _ in range(c.epochs):
-        order = torch.randperm(train_n).tolist()
-        losses = []
-        for step in range(steps_per_epoch):
-            idx = order[step * c.batch_size : (step + 1) * c.batch_size]
-            texts = [sample_text(captions[i], rng, cfg) for i in idx]
-            positive = torch.tensor([[t in facts[i] for t in texts] for i in idx])
-            text = model.encode_text(*tokenizer(texts + ATTRIBUTE_TEXTS))
-            text, attribute_text = text[: len(idx)], text[len(idx) :]
-            cls_sim, patch_sim, patches, tokens = image_scores(model, head, pixels[idx], text)
-            scale = model.logit_scale.exp()
-            loss = multi_positive_loss(scale * cls_sim, positive) + multi_positive_loss(scale * patch_sim, positive)
-            if grounded:
-                loss = loss + cfg.grounding_weight * grounding_loss(model, head, patches, labels[idx], attribute_text)
-            if positioned:
-                column_logits = model.column_head(tokens)
-                loss = loss + cfg.position_weight * F.cross_entropy(column_logits.flatten(0, 1), columns[idx].flatten())
-            losses.append(optimizer_step(model, optimizer, scheduler, loss, c.logit_scale_max))
-            bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        epoch_losses.append(sum(losses) / len(losses))
-    bar.close()
+    data = load_attribute_data(cfg, data_dir, progress)
+    model, head = attribute_model(cfg, tokenizer.vocab_size, positioned=data.columns is not None)
+    epoch_losses, total = train_epochs(cfg, model, head, tokenizer, data, rng, progress)
     model.eval()
     metrics = {
         "epoch_losses": epoch_losses,
-        "heldout_attribute_set_acc": attribute_set_accuracy(model, head, tokenizer, pixels[train_n:], captions[train_n:]),
-        "n_train": train_n,
-        "grounded": grounded,
-        "positioned": positioned,
+        "heldout_attribute_set_acc": attribute_set_accuracy(model, head, tokenizer, data.pixels[data.train_n:],
+                                                            data.captions[data.train_n:]),
+        "n_train": data.train_n,
+        "grounded": data.labels is not None,
+        "positioned": data.columns is not None,
         "steps": total,
         "seconds": round(time.perf_counter() - start, 1),
     }
     save_clip_vision(model.vision, out_dir, CLIP_MEAN, CLIP_STD)
     (out_dir / "clip_train.json").write_text(json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=2))
     return metrics
+
+
+@dataclass
+class AttributeData:
+    """clip_pairs.json, read for training: the first train_n images train, the rest are held out."""
+
+    pixels: torch.Tensor
+    captions: list[str]
+    facts: list[set[str]]  # per image, every text true of it
+    train_n: int
+    labels: torch.Tensor | None  # per patch, its object's attribute text (None: the grounding term is off)
+    columns: torch.Tensor | None  # per patch, its object's column (None: the position term is off)
+
+
+def load_attribute_data(cfg: AttributeClipConfig, data_dir: Path, progress: bool) -> AttributeData:
+    c = cfg.clip
+    pairs = json.loads((data_dir / "clip_pairs.json").read_text())
+    pixels = load_pixels(data_dir, [p["image"] for p in pairs], c.vision.image_size, progress)
+    captions = [p["caption"] for p in pairs]
+    boxed = all("objects" in p for p in pairs)
+    grid = c.vision.image_size // c.vision.patch_size
+    labels = torch.stack([patch_labels(p, grid) for p in pairs]) if cfg.grounding_weight > 0 and boxed else None
+    columns = None
+    if cfg.position_weight > 0 and boxed:
+        columns = torch.stack([patch_columns(p, grid, cfg.position_bins) for p in pairs])
+    return AttributeData(pixels, captions, [true_texts(caption) for caption in captions], len(pairs) - cfg.heldout,
+                         labels, columns)
+
+
+def attribute_model(cfg: AttributeClipConfig, vocab_size: int, positioned: bool) -> tuple[ClipModel, PatchHead]:
+    """The CLIP model in training mode, with the patch head (and the column readout) registered on it."""
+    c = cfg.clip
+    model, head = ClipModel(c, vocab_size), PatchHead(c.vision.hidden_size, c.embed_dim)
+    model.head = head  # registered so that the optimizer sees it
+    if positioned:
+        width = c.vision.hidden_size
+        model.column_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, cfg.position_bins))
+    model.train()
+    return model, head
+
+
+def train_epochs(cfg: AttributeClipConfig, model: ClipModel, head: PatchHead, tokenizer: TextTokenizer,
+                 data: AttributeData, rng: random.Random, progress: bool) -> tuple[list[float], int]:
+    """cfg.clip.epochs over the training images, cosine schedule with warmup: (mean loss per epoch, steps)."""
+    from tqdm import tqdm
+
+    c = cfg.clip
+    optimizer = make_optimizer(model, c)
+    steps_per_epoch = data.train_n // c.batch_size
+    total = steps_per_epoch * c.epochs
+    warmup = max(1, total // 20)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total, warmup))
+    bar = tqdm(total=total, desc="clip (attributes)", unit="step", disable=not progress)
+    epoch_losses = []
+    for _ in range(c.epochs):
+        order = torch.randperm(data.train_n).tolist()
+        losses = []
+        for step in range(steps_per_epoch):
+            idx = order[step * c.batch_size : (step + 1) * c.batch_size]
+            loss = batch_loss(cfg, model, head, tokenizer, data, idx, rng)
+            losses.append(optimizer_step(model, optimizer, scheduler, loss, c.logit_scale_max))
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        epoch_losses.append(sum(losses) / len(losses))
+    bar.close()
+    return epoch_losses, total
+
+
+def batch_loss(cfg: AttributeClipConfig, model: ClipModel, head: PatchHead, tokenizer: TextTokenizer,
+               data: AttributeData, idx: list[int], rng: random.Random) -> torch.Tensor:
+    """The images `idx` against one sampled text each (multi-positive, CLS and best patch), plus the grounding
+    and position terms where they are on."""
+    texts = [sample_text(data.captions[i], rng, cfg) for i in idx]
+    positive = torch.tensor([[t in data.facts[i] for t in texts] for i in idx])
+    text = model.encode_text(*tokenizer(texts + ATTRIBUTE_TEXTS))
+    text, attribute_text = text[: len(idx)], text[len(idx) :]
+    cls_sim, patch_sim, patches, tokens = image_scores(model, head, data.pixels[idx], text)
+    scale = model.logit_scale.exp()
+    loss = multi_positive_loss(scale * cls_sim, positive) + multi_positive_loss(scale * patch_sim, positive)
+    if data.labels is not None:
+        loss = loss + cfg.grounding_weight * grounding_loss(model, head, patches, data.labels[idx], attribute_text)
+    if data.columns is not None:
+        column_logits = model.column_head(tokens)
+        loss = loss + cfg.position_weight * F.cross_entropy(column_logits.flatten(0, 1), data.columns[idx].flatten())
+    return loss
 
 
 def padded_boxes(record: dict, grid: int):
