@@ -14,6 +14,7 @@ from .extras import require_extra, require_heavy
 from .caption.config import VISION_BATCH, CaptionConfig
 from .runtime.bundle import MAX_DEFAULT_N_CTX
 from .runtime.engine_config import EngineConfig
+from .runtime.kv_type import KV_TYPE_HELP
 from .runtime.sampling import SamplingConfig
 from .server.config import ServerConfig
 
@@ -118,6 +119,7 @@ def chat(
     cache_dir: Optional[Path] = typer.Option(None, help="keep image embeddings here too (.npy per image content)"),
     kv_cache_dir: Optional[Path] = typer.Option(
         None, help="keep the KV of the image prompt here: a later run about the same image skips its prefill"),
+    kv_type: str = typer.Option(default(EngineConfig, "kv_type"), help=KV_TYPE_HELP),
 ):
     """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
     from .chat import answer_once, check_image_tokens, context_length, demo_note, repl
@@ -130,7 +132,7 @@ def chat(
     n_ctx = context_length(manifest, n_ctx)
     check_image_tokens(manifest, image_tokens)
     session = ChatSession.open(bundle, device=device, threads=threads, n_ctx=n_ctx, cache_dir=cache_dir,
-                               kv_cache_dir=kv_cache_dir, image_tokens=image_tokens)
+                               kv_cache_dir=kv_cache_dir, image_tokens=image_tokens, kv_type=kv_type)
     if prompt is not None:
         answer_once(session, image, prompt, sampling, as_json)
         demo_note(manifest)
@@ -161,6 +163,7 @@ def caption(
                                                  "or ray://HOST:PORT; the paths must be readable on every node"),
     workers: Optional[int] = typer.Option(None, help="with --ray: engines (Ray actors), each --threads cores "
                                                      "(default: one per node, the cores it can have)"),
+    kv_type: str = typer.Option(default(CaptionConfig, "kv_type"), help=KV_TYPE_HELP),
 ):
     """Caption (or ask one question about) every image of a folder: a JSONL line per image, resumable."""
     from .caption.pipeline import format_summary, run_caption
@@ -172,7 +175,7 @@ def caption(
         raise UserError("--workers needs --ray (a local run has one engine; --parallel sets its sequences)")
     check_image_tokens(open_bundle(bundle or DEMO_BUNDLE, verify=False), image_tokens)
     cfg = CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel, max_tokens,
-                        temperature, seed, recursive, threads, device, vision_batch, image_tokens)
+                        temperature, seed, recursive, threads, device, vision_batch, image_tokens, kv_type=kv_type)
     if ray is not None:
         require_extra("caption --ray", "ray")
         from .caption.ray_run import RayConfig, run_caption_ray
@@ -327,6 +330,7 @@ def serve(
     device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
     kv_cache_dir: Optional[Path] = typer.Option(
         None, help="keep the KV of each image prompt here: a restarted server skips the prefill of images it saw"),
+    kv_type: str = typer.Option(default(EngineConfig, "kv_type"), help=KV_TYPE_HELP),
     temperature: float = typer.Option(default(ServerConfig, "temperature"),
                                       help="for requests that send none (0: greedy, the answers `chat` gives)"),
     top_p: float = typer.Option(default(ServerConfig, "top_p"), help="for requests that send none (with temperature > 0)"),
@@ -344,7 +348,8 @@ def serve(
     check_image_tokens(manifest, image_tokens)
     name = model_name or ("llava-edge-demo" if bundle is None else bundle.resolve().name)
     engine_config = EngineConfig(parallel=parallel, n_ctx=n_ctx, threads=threads, queue=queue, device=device,
-                                 kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None, image_tokens=image_tokens)
+                                 kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None, image_tokens=image_tokens,
+                                 kv_type=kv_type)
     server_config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key,
                                  media_dir=str(media_dir) if media_dir else None,
                                  allow_remote_images=allow_remote_images, max_images=max_images,

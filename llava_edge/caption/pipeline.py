@@ -85,7 +85,7 @@ def open_engine(cfg: CaptionConfig, queue: int) -> tuple[Engine, int]:
     bundle = open_bundle(cfg.bundle or DEMO_BUNDLE, verify=False)  # verified by Engine.open
     engine = Engine.open(cfg.bundle, EngineConfig(
         parallel=cfg.parallel, n_ctx=context_per_sequence(bundle, cfg.prompt, cfg.max_tokens), threads=cfg.threads,
-        queue=queue, device=cfg.device, image_tokens=cfg.image_tokens))
+        queue=queue, device=cfg.device, image_tokens=cfg.image_tokens, kv_type=cfg.kv_type))
     return engine, vision_batch_size(bundle.vision.precision, cfg.vision_batch)
 
 

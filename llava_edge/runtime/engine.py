@@ -61,7 +61,7 @@ class Engine:
         self.scheduler = Scheduler(config.parallel, config.queue, self.n_batch, embed_text=self.token_rows is not None)
         self.executor = Executor(llm, self.n_batch, self.decoder.n_embd, self.decoder.n_vocab)
         self.prefix_states = PrefixStates(config.kv_cache_dir, llm, bundle.manifest["files"]["decoder"]["sha256"],
-                                          bundle.template, config.f32_kv) if config.kv_cache_dir else None
+                                          bundle.template) if config.kv_cache_dir else None
         self.image_cache_hits = 0
         self.step_cost = StepCost()  # measured decode times, for the step budget
         self._step_lock = threading.Lock()  # one stepper at a time: llama.cpp's context is not thread-safe
@@ -81,7 +81,7 @@ class Engine:
         # multiple of 256 so the split is exact (the engine still holds each to n_ctx_seq)
         per_sequence = -(-n_ctx_seq // 256) * 256
         llm = open_llama(bundle.decoder_file, n_ctx=per_sequence * config.parallel, n_threads=config.threads,
-                         n_batch=config.n_batch, f32_kv=config.f32_kv, n_seq_max=config.parallel)
+                         n_batch=config.n_batch, kv_type=config.kv_type, n_seq_max=config.parallel)
         return cls(bundle, vision, llm, config, n_ctx_seq)
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .kv_type import DEFAULT_KV_TYPE, check_kv_type
 
 
 @dataclass
@@ -15,7 +16,7 @@ class EngineConfig:
     threads: int | None = None
     queue: int = 16  # requests that may wait for a slot; one more is refused (EngineBusy)
     device: str = "auto"  # vision: auto|cpu|cuda|tensorrt
-    f32_kv: bool = False
+    kv_type: str = DEFAULT_KV_TYPE  # f16|q8_0|q4_0 (f32: the exact parity runs); see kv_type.py
     image_cache_dir: str | None = None  # image embeddings as .npy files too
     kv_cache_dir: str | None = None  # KV state after the image prefix, on disk
     image_tokens: int | None = None  # tokens per image when a request names none (None: all, the reference)
@@ -24,6 +25,7 @@ class EngineConfig:
     embed_text: bool = True  # the text next to an image goes in the image's decode, as embedding rows
 
     def __post_init__(self):
+        check_kv_type(self.kv_type)
         for name in ("parallel", "n_batch", "queue"):
             if getattr(self, name) < (0 if name == "queue" else 1):
                 raise UserError(f"{name.replace('_', '-')} must be at least {0 if name == 'queue' else 1}")

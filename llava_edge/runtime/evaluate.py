@@ -36,11 +36,11 @@ def evaluate_bundle(
     data_json: str | os.PathLike,
     limit: int | None = None,
     threads: int | None = None,
-    f32_kv: bool = False,
+    kv_type: str = "f16",
     progress: bool = True,
 ) -> EvalResult:
     records = load_test_records(data_json, limit)
-    session = ChatSession.open(bundle_dir, threads=threads, f32_kv=f32_kv)
+    session = ChatSession.open(bundle_dir, threads=threads, kv_type=kv_type)
     try:
         predictions = answer_with_bundle(session, records, Path(data_json).parent, progress=progress)
     finally:

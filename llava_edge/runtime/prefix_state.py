@@ -16,15 +16,16 @@ from .kv_cache import KVCache, PrefixKey, positions_digest
 
 
 class PrefixStates:
-    def __init__(self, directory: str, llm: llama_cpp.Llama, decoder_sha256: str, template: str, f32_kv: bool):
+    def __init__(self, directory: str, llm: llama_cpp.Llama, decoder_sha256: str, template: str):
         self.cache = KVCache(directory)
         self.ctx = llm.ctx
         self._memory = llama_cpp.llama_get_memory(self.ctx)
         self._decoder, self._template = decoder_sha256, template
-        # what else shapes a saved state: the llama.cpp build, the KV cache's element type, and flash attention
-        # (which stores V untransposed)
-        flash = int(llm.context_params.flash_attn_type)
-        self._runtime = f"llama_cpp {llama_cpp.__version__}; kv {'f32' if f32_kv else 'f16'}; flash_attn {flash}"
+        # what else shapes a saved state: the llama.cpp build, the KV cache's element types as the context holds
+        # them (an f16 entry is never offered to a q8_0 context), and flash attention (which stores V untransposed)
+        params = llm.context_params
+        kv = f"{ggml_type_name(params.type_k)}/{ggml_type_name(params.type_v)}"
+        self._runtime = f"llama_cpp {llama_cpp.__version__}; kv {kv}; flash_attn {int(params.flash_attn_type)}"
 
     def key(self, prefix: list) -> PrefixKey:
         """prefix: positions (token ids, ("image", sha256, i) tuples) ending with the first image."""
@@ -60,3 +61,10 @@ class PrefixStates:
             self.cache.put(self.key(prefix), memoryview(buf)[:n])
         except OSError as e:  # a full or read-only disk only costs the next process a prefill
             print(f"llava-edge: could not save the image's KV to {self.cache.directory}: {e}", file=sys.stderr)
+
+
+def ggml_type_name(value: int) -> str:
+    """ggml's name for a type id (f16, q8_0, ...), as llama-cpp-python's GGML_TYPE_* constants spell it."""
+    names = [n[len("GGML_TYPE_"):].lower() for n in dir(llama_cpp) if n.startswith("GGML_TYPE_")
+             and isinstance(getattr(llama_cpp, n), int) and getattr(llama_cpp, n) == int(value)]
+    return min(names, key=len) if names else f"type{int(value)}"

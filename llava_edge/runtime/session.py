@@ -44,14 +44,14 @@ class ChatSession:
         device: str = "auto",
         threads: int | None = None,
         n_ctx: int | None = None,
-        f32_kv: bool = False,
+        kv_type: str = "f16",
         cache_dir: str | os.PathLike | None = None,
         verify: bool = True,
         kv_cache_dir: str | os.PathLike | None = None,
         image_tokens: int | None = None,
     ) -> ChatSession:
         """Load a bundle (default: the demo bundle in the package) for chatting."""
-        config = EngineConfig(parallel=1, n_ctx=n_ctx, threads=threads, device=device, f32_kv=f32_kv,
+        config = EngineConfig(parallel=1, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
                               image_cache_dir=str(cache_dir) if cache_dir else None,
                               kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
         return cls(Engine.open(bundle_dir, config, verify=verify), image_tokens)
