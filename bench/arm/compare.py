@@ -1,0 +1,90 @@
+"""x86 vs aarch64 (emulated) -> bench/reports/aarch64-qemu.md. Correctness only: emulation says nothing of speed.
+
+usage: python compare.py X86_DIR ARM_DIR STEPS_MD OUT_MD   (the dirs probe.py wrote; STEPS_MD: how the run went)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(-1, a.shape[-1]).astype(np.float64), b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def vision_rows(x86: dict, arm: dict) -> list[str]:
+    rows = ["| graph | tokens compared | cosine min | cosine mean | max abs diff |", "|---|---:|---:|---:|---:|"]
+    for name in ("vision_fp32", "vision_int8"):
+        c = cosines(arm[name], x86[name])
+        rows.append(f"| {name[7:]} (aarch64 vs x86) | {len(c)} | {c.min():.6f} | {c.mean():.6f} | "
+                    f"{np.abs(arm[name] - x86[name]).max():.3g} |")
+    for label, side in (("x86", x86), ("aarch64", arm)):
+        c = cosines(side["vision_int8"], side["vision_fp32"])
+        rows.append(f"| for scale: int8 vs fp32 on {label} | {len(c)} | {c.min():.6f} | {c.mean():.6f} | "
+                    f"{np.abs(side['vision_int8'] - side['vision_fp32']).max():.3g} |")
+    return rows
+
+
+def decoder_rows(x86: np.ndarray, arm: np.ndarray) -> list[str]:
+    top_x86, top_arm = x86.argmax(-1), arm.argmax(-1)
+    srt = np.sort(x86, -1)
+    clear = (srt[:, -1] - srt[:, -2]) > 0.5  # positions where x86's top two logits are not near a tie
+    p = np.exp(x86 - x86.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q = np.exp(arm - arm.max(-1, keepdims=True))
+    q /= q.sum(-1, keepdims=True)
+    kl = (p * (np.log(p + 1e-30) - np.log(q + 1e-30))).sum(-1)
+    differ = np.flatnonzero(top_x86 != top_arm).tolist()
+    return [
+        "| positions | top-1 agreement | top-1 agreement (x86 margin > 0.5) | max abs logit diff | mean KL(x86‖arm) |",
+        "|---:|---:|---:|---:|---:|",
+        f"| {len(top_x86)} | {(top_x86 == top_arm).mean():.4f} | {(top_x86 == top_arm)[clear].mean():.4f} "
+        f"({clear.sum()} positions) | {np.abs(x86 - arm).max():.3g} | {kl.mean():.3g} |",
+        "", f"Positions whose top-1 differs: {differ or 'none'}"
+        + ("".join(f"; {i}: x86 margin {srt[i, -1] - srt[i, -2]:.3f}" for i in differ)),
+    ]
+
+
+def answer_rows(x86: dict, arm: dict) -> list[str]:
+    ex = [k for k in x86["examples"] if x86["examples"][k] != arm["examples"].get(k)]
+    tx, ta = x86["test"], arm["test"]
+    differ = [(i, a, b) for i, a, b in zip(tx["ids"], tx["answers"], ta["answers"]) if a != b]
+    rows = [f"- examples/: {len(x86['examples']) - len(ex)} of {len(x86['examples'])} answers equal "
+            "(4 images x 4 questions, greedy).",
+            f"- shapes test split: {len(tx['ids']) - len(differ)} of {len(tx['ids'])} answers equal; accuracy "
+            f"x86 {tx['accuracy']:.4f}, aarch64 {ta['accuracy']:.4f}."]
+    for k in ex:
+        rows.append(f"  - examples `{k}`: x86 {x86['examples'][k]!r}, aarch64 {arm['examples'].get(k)!r}")
+    for i, a, b in differ:
+        rows.append(f"  - test `{i}`: x86 {a!r}, aarch64 {b!r}")
+    return rows
+
+
+def main(x86_dir: Path, arm_dir: Path, steps: Path, out: Path) -> None:
+    x86, arm = (json.loads((d / "result.json").read_text()) for d in (x86_dir, arm_dir))
+    xa, aa = (dict(np.load(d / "arrays.npz")) for d in (x86_dir, arm_dir))
+    lines = [
+        "# llava-edge on aarch64 under QEMU (emulated: correctness only, no timings)", "",
+        "Produced by `bench/arm/run.sh` from a clean state: a Debian bookworm arm64 root (mmdebstrap + "
+        "qemu-user-static), llama.cpp cross-built for armv8.2-a+dotprod, ONNX Runtime / numpy / Pillow from their "
+        "aarch64 wheels, llava-edge installed with pip as a user would, then the same probe (`bench/arm/probe.py`) "
+        "on x86 and in the arm64 root. QEMU runs ARM's own code paths (NEON/dotprod kernels, llama.cpp's ARM "
+        "repacking, ORT's ARM int8 kernels) instruction by instruction, so the numbers below say whether ARM "
+        "computes the same thing; they say nothing of speed.", "",
+        "| | x86 | aarch64 (emulated) |", "|---|---|---|",
+        *(f"| {k} | {x86[k]} | {arm[k]} |" for k in ("machine", "python", "llama_cpp_python", "onnxruntime", "numpy")),
+        "", "## The demo's answers", "", *answer_rows(x86, arm), "",
+        "## Vision graph (same ONNX files, the export's calibration images)", "", *vision_rows(xa, aa), "",
+        "## Q4_K_M decoder on the export's parity sequence (f32 KV, same image embeddings)", "",
+        *decoder_rows(xa["logits"], aa["logits"]), "", steps.read_text().strip(), "",
+    ]
+    out.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(*map(Path, sys.argv[1:5]))
