@@ -2,7 +2,9 @@
 # llava-edge on aarch64, proven under emulation (correctness only, no timings): writes bench/reports/aarch64-qemu.md.
 # Needs root on a Debian/Ubuntu x86-64 host with network access to Debian and PyPI, and an x86 Python with
 # llava-edge[dev] installed (torch included: the x86 side exports the fp32 vision graph the comparison uses).
-#   sudo bench/arm/run.sh [--clean]        env: LLAVA_ARM_WORK (default /var/tmp/llava-edge-arm), X86_PYTHON, JOBS
+#   sudo bench/arm/run.sh [--clean]
+# env: LLAVA_ARM_WORK (default /var/tmp/llava-edge-arm), X86_PYTHON, JOBS (compile jobs), ARM_TEST_LIMIT (answer only
+# the first N questions of the shapes test split in the arm64 root: emulation runs the demo ~10-30x slower)
 # Each step is skipped when its output exists, so an interrupted run continues; --clean starts from nothing.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -69,8 +71,8 @@ rm -rf "$root/opt/inputs" && cp -r "$work/inputs" "$root/opt/inputs"
 (cd "$root" && chroot "$root" /opt/venv/bin/llava-edge chat /opt/llava-edge-src/examples/green_triangle.png \
   --prompt "Describe the image.")
 [ -f "$root/opt/out/result.json" ] || (cd / && chroot "$root" /opt/venv/bin/python \
-  /opt/llava-edge-src/bench/arm/probe.py /opt/inputs /opt/llava-edge-src/examples /opt/out)
+  /opt/llava-edge-src/bench/arm/probe.py /opt/inputs /opt/llava-edge-src/examples /opt/out ${ARM_TEST_LIMIT:+--limit $ARM_TEST_LIMIT})
 
 say "9/9 report"
-"$x86_py" "$here/compare.py" "$work/x86" "$root/opt/out" "$here/steps.md" "$repo/bench/reports/aarch64-qemu.md"
+PYTHONPATH=$repo "$x86_py" "$here/compare.py" "$work/inputs" "$work/x86" "$root/opt/out" "$here/steps.md" "$repo/bench/reports/aarch64-qemu.md"
 say "wrote $repo/bench/reports/aarch64-qemu.md"
