@@ -12,7 +12,10 @@ repo=$(git -C "$here" rev-parse --show-toplevel)
 work=${LLAVA_ARM_WORK:-/var/tmp/llava-edge-arm}
 x86_py=${X86_PYTHON:-python3}
 root=$work/root
-[ "${1:-}" = --clean ] && { umount -R "$root/proc" "$root/dev" 2>/dev/null || true; rm -rf "$work"; }
+if [ "${1:-}" = --clean ]; then
+  umount "$root/proc/cpuinfo" "$root/sys" "$root/proc" 2>/dev/null || true
+  rm -rf "$work"
+fi
 mkdir -p "$work"
 say() { echo "[arm $(date -u +%H:%M:%S)] $*" >&2; }
 
@@ -58,8 +61,15 @@ say "7/9 llava-edge installed in the arm64 root with pip, as a user would"
 rm -rf "$root/opt/llava-edge-src" "$root/opt/wheels" && mkdir -p "$root/opt/llava-edge-src"
 git -C "$repo" archive HEAD | tar -x -C "$root/opt/llava-edge-src"
 cp -r "$work/wheels" "$root/opt/wheels"
+# The root sees the host's /proc and /sys; the host's x86 /proc/cpuinfo crashed ONNX Runtime's cpuinfo
+# (SIGSEGV at import), so the root gets a Cortex-A76's (Raspberry Pi 5), and QEMU emulates that core (no SVE,
+# no i8mm: the kernels a Pi 5 runs). QEMU_CPU=max would offer every extension QEMU knows.
+export QEMU_CPU=${QEMU_CPU:-cortex-a76}
+"$x86_py" "$here/fake_cpuinfo.py" > "$work/cpuinfo"
 mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
-trap 'umount "$root/proc" 2>/dev/null || true' EXIT
+mountpoint -q "$root/sys" || mount -t sysfs sysfs "$root/sys"
+mount --bind "$work/cpuinfo" "$root/proc/cpuinfo"
+trap 'umount "$root/proc/cpuinfo" "$root/sys" "$root/proc" 2>/dev/null || true' EXIT
 [ -x "$root/opt/venv/bin/python" ] || chroot "$root" python3 -m venv /opt/venv
 chroot "$root" /opt/venv/bin/pip install -q --no-index --find-links /opt/wheels /opt/llava-edge-src
 chroot "$root" /opt/venv/bin/llava-edge --version
