@@ -18,5 +18,5 @@ for w in "$out"/build/llama_cpp_python-*.whl; do
   python3 -m wheel tags --remove --platform-tag linux_aarch64 "$w" >/dev/null
 done
 mv "$out"/build/llama_cpp_python-*linux_aarch64.whl "$out/"
-file "$out"/*.whl
-unzip -l "$out"/llama_cpp_python-*linux_aarch64.whl | grep '\.so'
+wheel=$(ls "$out"/llama_cpp_python-*linux_aarch64.whl)
+echo "$wheel: libggml-cpu.so is $(unzip -p "$wheel" llama_cpp/lib/libggml-cpu.so | file -b -)"
