@@ -34,8 +34,8 @@ def vision_rows(x86: dict, arm: dict) -> list[str]:
     rows += ["", f"int8, aarch64 vs x86: {(d > 1e-4).mean():.1%} of the output values differ by more than 1e-4; the "
              f"median difference is {np.median(d):.2g}, the 99th percentile {np.percentile(d, 99):.2g}, against a mean "
              f"magnitude of {np.abs(x86['vision_int8']).mean():.2g}. The fp32 graph agrees to float rounding, so the "
-             "difference is in ONNX Runtime's int8 kernels, which are ARM's own (they round some intermediate results "
-             "otherwise); both machines are much closer to each other than either int8 output is to fp32."]
+             "difference is in ONNX Runtime's int8 kernels, which on ARM are another implementation "
+             "(NEON/dotprod); both machines are much closer to each other than either int8 output is to fp32."]
     return rows
 
 
