@@ -71,7 +71,7 @@ mountpoint -q "$root/sys" || mount -t sysfs sysfs "$root/sys"
 mount --bind "$work/cpuinfo" "$root/proc/cpuinfo"
 trap 'umount "$root/proc/cpuinfo" "$root/sys" "$root/proc" 2>/dev/null || true' EXIT
 [ -x "$root/opt/venv/bin/python" ] || chroot "$root" python3 -m venv /opt/venv
-chroot "$root" /opt/venv/bin/pip install -q --no-index --find-links /opt/wheels /opt/llava-edge-src
+chroot "$root" /opt/venv/bin/pip install -q --no-cache-dir --no-index --find-links /opt/wheels /opt/llava-edge-src
 chroot "$root" /opt/venv/bin/llava-edge --version
 
 say "8/9 the same probe on x86 and in the arm64 root"
