@@ -91,9 +91,10 @@ def main(inputs: Path, x86_dir: Path, arm_dir: Path, steps: Path, out: Path) -> 
         "Produced by `bench/arm/run.sh`: a Debian bookworm arm64 root (mmdebstrap + "
         "qemu-user-static), llama.cpp cross-built for armv8.2-a+dotprod, ONNX Runtime / numpy / Pillow from their "
         "aarch64 wheels, llava-edge installed with pip as a user would, then the same probe (`bench/arm/probe.py`) "
-        "on x86 and in the arm64 root. QEMU runs ARM's own code paths (NEON/dotprod kernels, llama.cpp's ARM "
-        "repacking, ORT's ARM int8 kernels) instruction by instruction, so the numbers below say whether ARM "
-        "computes the same thing; they say nothing of speed.", "",
+        "on x86 and in the arm64 root, the emulated core a Cortex-A76 (a Raspberry Pi 5's). QEMU runs ARM's own "
+        "code paths (llama.cpp's NEON/dotprod kernels and the extra CPU buffer types the runtime's probe enabled, "
+        "ORT's ARM int8 kernels) instruction by instruction, so the numbers below say whether ARM computes the "
+        "same thing; they say nothing of speed.", "",
         "| | x86 | aarch64 (emulated) |", "|---|---|---|",
         *(f"| {k} | {x86[k]} | {arm[k]} |" for k in ("machine", "python", "llama_cpp_python", "onnxruntime", "numpy")),
         "", "## The demo's answers", "", *answer_rows(x86, arm, inputs / "shapes" / "test.json"), "",
