@@ -14,6 +14,7 @@ from .extras import require_extra, require_heavy
 from .caption.config import VISION_BATCH, CaptionConfig
 from .eval.config import EvalConfig
 from .runtime.engine_config import DEFAULT_DEVICE, MAX_DEFAULT_N_CTX, EngineConfig
+from .runtime.kv_type import KV_TYPE_HELP
 from .runtime.sampling import SamplingConfig
 from .server.config import ServerConfig
 
@@ -118,6 +119,7 @@ def chat(
     cache_dir: Optional[Path] = typer.Option(None, help="keep image embeddings here too (.npy per image content)"),
     kv_cache_dir: Optional[Path] = typer.Option(
         None, help="keep the KV of the image prompt here: a later run about the same image skips its prefill"),
+    kv_type: str = typer.Option(default(EngineConfig, "kv_type"), help=KV_TYPE_HELP),
 ):
     """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
     from .chat import answer_once, demo_note, repl
@@ -126,7 +128,7 @@ def chat(
     _check_threads(threads)
     sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
     model = Model.open(bundle, device=device, threads=threads, image_cache_dir=cache_dir)
-    config = EngineConfig(parallel=1, n_ctx=n_ctx, image_tokens=image_tokens,
+    config = EngineConfig(parallel=1, n_ctx=n_ctx, image_tokens=image_tokens, kv_type=kv_type,
                           kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
     session = ChatSession(model, config, owns_model=True)
     if prompt is not None:
@@ -159,6 +161,7 @@ def caption(
                                                  "or ray://HOST:PORT; the paths must be readable on every node"),
     workers: Optional[int] = typer.Option(None, help="with --ray: engines (Ray actors), each --threads cores "
                                                      "(default: one per node, the cores it can have)"),
+    kv_type: str = typer.Option(default(CaptionConfig, "kv_type"), help=KV_TYPE_HELP),
 ):
     """Caption (or ask one question about) every image of a folder: a JSONL line per image, resumable."""
     from .caption.pipeline import format_summary, run_caption
@@ -168,7 +171,7 @@ def caption(
     if workers is not None and ray is None:
         raise UserError("--workers needs --ray (a local run has one engine; --parallel sets its sequences)")
     cfg = CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel, max_tokens,
-                        temperature, seed, recursive, threads, device, vision_batch, image_tokens)
+                        temperature, seed, recursive, threads, device, vision_batch, image_tokens, kv_type=kv_type)
     if ray is not None:
         require_extra("caption --ray", "ray")
         from .caption.ray_run import RayConfig, run_caption_ray
@@ -348,6 +351,7 @@ def serve(
     device: str = typer.Option(DEFAULT_DEVICE, help="vision on auto|cpu|cuda|tensorrt"),
     kv_cache_dir: Optional[Path] = typer.Option(
         None, help="keep the KV of each image prompt here: a restarted server skips the prefill of images it saw"),
+    kv_type: str = typer.Option(default(EngineConfig, "kv_type"), help=KV_TYPE_HELP),
     temperature: float = typer.Option(default(ServerConfig, "temperature"),
                                       help="for requests that send none (0: greedy, the answers `chat` gives)"),
     top_p: float = typer.Option(default(ServerConfig, "top_p"), help="for requests that send none (with temperature > 0)"),
@@ -361,7 +365,7 @@ def serve(
 
     _check_threads(threads)
     name = model_name or ("llava-edge-demo" if bundle is None else bundle.resolve().name)
-    engine_config = EngineConfig(parallel=parallel, n_ctx=n_ctx, queue=queue, image_tokens=image_tokens,
+    engine_config = EngineConfig(parallel=parallel, n_ctx=n_ctx, queue=queue, image_tokens=image_tokens, kv_type=kv_type,
                                  kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
     server_config = ServerConfig(host=host, port=port, model_name=name, api_key=api_key,
                                  media_dir=str(media_dir) if media_dir else None,

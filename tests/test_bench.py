@@ -85,3 +85,22 @@ def test_roofline_numbers_are_sane():
 def test_device_id_is_a_file_name():
     info = {"cpu": "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.0GHz", "cores": 16, "threads_used": 8, "gpus": ["NVIDIA H100"]}
     assert device.device_id(info) == "intel-xeon-platinum-8480-16c-8t-nvidia-h100"
+
+
+def test_kv_memory_case_runs_each_type_in_its_own_process():
+    """The case's child (the demo bundle at its own context): the answer has the tokens asked for past EOS, the
+    peaks are the child's, and a q4_0 run holds less anonymous memory than f16 at the same context, or as much."""
+    from pathlib import Path
+
+    from llava_edge.bench.kv_memory_case import markdown, run_child, summarize as kv_summarize
+
+    image = str(Path(__file__).parents[1] / "examples" / "green_triangle.png")
+    runs = {k: run_child(["", image, k, "1", "512", "8"]) for k in ("f16", "q4_0")}
+    for r in runs.values():
+        assert r["n_generated"] == 8 and r["peak_rss_anon_mb"] > 0 and r["peak_rss_file_mb"] > 0
+    assert runs["q4_0"]["peak_rss_anon_mb"] <= runs["f16"]["peak_rss_anon_mb"] + 8  # sampling jitter
+    results = {k: kv_summarize([r]) | {"ttft_vs_f16": 1.0, "decode_vs_f16": 1.0} for k, r in runs.items()}
+    text = markdown({"shape": "demo", "description": "demo", "device": device.describe(1), "n_ctx": 512,
+                     "n_answer": 8, "rounds": 1, "threads": 1, "results": results,
+                     "demo_answers": {}, "demo_equal": True})
+    assert "| q4_0 |" in text and "| f16 |" in text

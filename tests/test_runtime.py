@@ -66,7 +66,7 @@ def reference_logits(ckpt, image_path, question):
 @pytest.mark.slow
 def test_first_token_logits_match_the_reference_at_f32(tiny):
     ckpt, bundle = tiny
-    session = ChatSession.open(bundle, threads=THREADS, f32_kv=True)
+    session = ChatSession.open(bundle, threads=THREADS, kv_type="f32")
     image = DATA / "astronaut_wide.png"
     session.set_image(image)
     answer = session.answer("What is in the picture?", SamplingConfig(max_tokens=1))

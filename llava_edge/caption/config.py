@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
+from ..runtime.kv_type import DEFAULT_KV_TYPE, check_kv_type
 
 DEFAULT_PROMPT = "Describe the image."
 VISION_BATCH = 8  # images per vision run where batching cannot change an image's embeddings
@@ -26,8 +27,10 @@ class CaptionConfig:
     vision_batch: int | None = None  # None: VISION_BATCH, or 1 for an int8 graph (see vision_batch_size)
     image_tokens: int | None = None  # tokens per image (None: all)
     progress: bool = True
+    kv_type: str = DEFAULT_KV_TYPE  # f16|q8_0|q4_0 (runtime/kv_type.py)
 
     def __post_init__(self):
+        check_kv_type(self.kv_type)
         self.prompt = self.prompt.strip()  # as `chat` asks it
         if not self.prompt:
             raise UserError("--prompt is empty")

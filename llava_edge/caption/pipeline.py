@@ -93,7 +93,7 @@ def open_engine(cfg: CaptionConfig, queue: int) -> tuple[Engine, int]:
     try:
         engine = Engine(model, EngineConfig(
             parallel=cfg.parallel, n_ctx=context_per_sequence(model, cfg.prompt, cfg.max_tokens), queue=queue,
-            image_tokens=cfg.image_tokens), owns_model=True)
+            image_tokens=cfg.image_tokens, kv_type=cfg.kv_type), owns_model=True)
     except BaseException:
         model.close()
         raise

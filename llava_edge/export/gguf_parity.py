@@ -67,7 +67,7 @@ def gguf_logits(
     parts = split_at_images(input_ids, image_token_id)
     n_positions = sum(len(p) if isinstance(p, list) else len(image_embeds[p]) for p in parts)
     llm = open_llama(
-        gguf_path, n_ctx=n_positions, n_batch=n_batch, n_threads=n_threads, f32_kv=f32_kv,
+        gguf_path, n_ctx=n_positions, n_batch=n_batch, n_threads=n_threads, kv_type="f32" if f32_kv else "f16",
         extra_bufts=extra_bufts,
     )
     decoder = Tokenizer(llm)

@@ -48,7 +48,7 @@ class Engine:
         # llama.cpp pads the whole context to a multiple of 256 and splits it evenly: give each sequence a
         # multiple of 256 so the split is exact (the engine still holds each to n_ctx_seq)
         per_sequence = -(-self.n_ctx_seq // 256) * 256
-        self.llm = model.open_decoder(per_sequence * config.parallel, config.parallel, config.n_batch, config.f32_kv)
+        self.llm = model.open_decoder(per_sequence * config.parallel, config.parallel, config.n_batch, config.kv_type)
         self.tokenizer = Tokenizer(self.llm)
         n_embd, n_vocab = self.tokenizer.n_embd, self.tokenizer.n_vocab
         if n_embd != self.bundle.n_embd or self.vision.n_embd != self.bundle.n_embd:

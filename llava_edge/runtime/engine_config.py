@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .kv_type import DEFAULT_KV_TYPE, check_kv_type
 
 # Defaults of what Model.open takes, here so that the CLI reads them without loading the runtime
 DEFAULT_DEVICE = "auto"  # vision on ONNX Runtime: auto|cpu|cuda|tensorrt
@@ -20,7 +21,7 @@ class EngineConfig:
     n_ctx: int | None = None  # positions per sequence (default and bounds: Model.context_length)
     n_batch: int = 512  # most positions in one llama_decode
     queue: int = 16  # requests that may wait for a slot; one more is refused (EngineBusy)
-    f32_kv: bool = False
+    kv_type: str = DEFAULT_KV_TYPE  # f16|q8_0|q4_0 (f32: the exact parity runs); see kv_type.py
     kv_cache_dir: str | None = None  # KV state after the image prefix, on disk
     image_tokens: int | None = None  # tokens per image when a request names none (None: all, the reference)
     decode_slowdown: float = 0.25  # prefill riding along may slow the next token of the answers by at most this
@@ -28,6 +29,7 @@ class EngineConfig:
     embed_text: bool = True  # the text next to an image goes in the image's decode, as embedding rows
 
     def __post_init__(self):
+        check_kv_type(self.kv_type)
         for name in ("parallel", "n_batch", "queue"):
             if getattr(self, name) < (0 if name == "queue" else 1):
                 raise UserError(f"{name.replace('_', '-')} must be at least {0 if name == 'queue' else 1}")

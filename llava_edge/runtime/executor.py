@@ -63,11 +63,11 @@ class Executor:
     def kv_description(self) -> str:
         """What shapes a saved sequence state besides the model: the llama.cpp build, the KV cache's element type
         and flash attention (which stores V untransposed)."""
-        type_k = self.llm.context_params.type_k
-        kv = {llama_cpp.GGML_TYPE_F32: "f32", llama_cpp.GGML_TYPE_F16: "f16", llama_cpp.GGML_TYPE_Q8_0: "q8_0",
-              llama_cpp.GGML_TYPE_Q4_0: "q4_0"}.get(type_k, f"type {type_k}")
-        flash = int(self.llm.context_params.flash_attn_type)
-        return f"llama_cpp {llama_cpp.__version__}; kv {kv}; flash_attn {flash}"
+        params = self.llm.context_params
+        names = {llama_cpp.GGML_TYPE_F32: "f32", llama_cpp.GGML_TYPE_F16: "f16", llama_cpp.GGML_TYPE_Q8_0: "q8_0",
+                 llama_cpp.GGML_TYPE_Q4_0: "q4_0"}
+        kv = "/".join(names.get(t, f"type {t}") for t in (params.type_k, params.type_v))
+        return f"llama_cpp {llama_cpp.__version__}; kv {kv}; flash_attn {int(params.flash_attn_type)}"
 
     def read_state(self, seq: int) -> memoryview | None:
         """Sequence seq's state (its KV) as bytes, or None when llama.cpp gives none."""

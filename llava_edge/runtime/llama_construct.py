@@ -52,7 +52,7 @@ def construct_llama(
     n_ctx: int,
     n_batch: int,
     n_threads: int,
-    f32_kv: bool = False,
+    kv_type: int | None = None,
     logits_all: bool = False,
     seed: int = 0,
     verbose: bool = False,
@@ -61,8 +61,8 @@ def construct_llama(
 ) -> llama_cpp.Llama:
     """A `Llama` with explicit extra-buffer-type choice; ubatch = batch, so one decode call of up to
     n_batch positions (tokens or embeddings) is a single graph. n_ctx is the whole context: with
-    n_seq_max > 1 each sequence holds n_ctx / n_seq_max positions."""
-    kv_type = llama_cpp.GGML_TYPE_F32 if f32_kv else None
+    n_seq_max > 1 each sequence holds n_ctx / n_seq_max positions. kv_type: a ggml type for K and V (None:
+    llama.cpp's default, f16)."""
     with _native_params(extra_bufts, n_seq_max):
         return llama_cpp.Llama(
             model_path=str(gguf_path),

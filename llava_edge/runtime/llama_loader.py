@@ -13,6 +13,7 @@ import llama_cpp
 
 from ..errors import UserError
 from .llama_construct import construct_llama
+from .kv_type import check_kv_type, needs_flash_attn
 from .llama_probe import extra_bufts_verdict
 
 def open_llama(
@@ -20,7 +21,7 @@ def open_llama(
     n_ctx: int = 4096,
     n_threads: int | None = None,
     n_batch: int = 512,
-    f32_kv: bool = False,
+    kv_type: str = "f16",
     logits_all: bool = False,
     extra_bufts: bool | None = None,
     seed: int = 0,
@@ -33,7 +34,7 @@ def open_llama(
     cached probe whether llama.cpp's extra CPU buffer types are safe here; a bad file is a UserError (one
     line), not a native abort. `flash_attn=None`: on, except with an f32 KV cache (the exact parity runs): it
     prefilled a 576-position image 1.09-1.12x faster at 7B width on the 2-core Xeon, decode unchanged
-    (bench/decoder_knobs.py)."""
+    (bench/decoder_knobs.py). kv_type: f16|q8_0|q4_0|f32 (kv_type.py); a quantized one needs flash attention."""
     path = Path(gguf_path)
     if not path.is_file():
         raise UserError(f"{path}: decoder GGUF not found")
@@ -42,13 +43,26 @@ def open_llama(
             raise UserError(f"{path}: not a GGUF file")
     if n_ctx < 1 or n_batch < 1:
         raise UserError(f"n_ctx ({n_ctx}) and n_batch ({n_batch}) must be positive")
+    flash_attn = kv_type != "f32" if flash_attn is None else flash_attn
+    ggml_kv_type = kv_cache_type(kv_type, flash_attn)
     if extra_bufts is None:
         extra_bufts = extra_bufts_verdict().extra_bufts
     threads = n_threads or max(1, os.cpu_count() or 1)
     try:
         return construct_llama(
-            path, extra_bufts, n_ctx, min(n_batch, n_ctx), threads, f32_kv, logits_all, seed, verbose, n_seq_max,
-            flash_attn=not f32_kv if flash_attn is None else flash_attn, **llama_kwargs,
+            path, extra_bufts, n_ctx, min(n_batch, n_ctx), threads, ggml_kv_type, logits_all, seed, verbose,
+            n_seq_max, flash_attn=flash_attn, **llama_kwargs,
         )
-    except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
-        raise UserError(f"{path}: llama.cpp could not load it ({e})") from None
+    except ValueError as e:  # llama-cpp-python's "Failed to load model from file" / "... create llama_context"
+        raise UserError(f"{path}: llama.cpp could not load it with a {kv_type} KV cache ({e})") from None
+
+
+def kv_cache_type(kv_type: str, flash_attn: bool) -> int:
+    """llama.cpp's ggml type for a KV type name, checked against this build before any native call."""
+    check_kv_type(kv_type)
+    ggml_type = getattr(llama_cpp, f"GGML_TYPE_{kv_type.upper()}", None)
+    if ggml_type is None:
+        raise UserError(f"this llama.cpp build (llama-cpp-python {llama_cpp.__version__}) has no {kv_type} KV cache")
+    if needs_flash_attn(kv_type) and not flash_attn:
+        raise UserError(f"a {kv_type} KV cache needs flash attention (llama.cpp quantizes V only with it)")
+    return ggml_type

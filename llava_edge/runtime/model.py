@@ -90,10 +90,10 @@ class Model:
             return trained
         return n_ctx
 
-    def open_decoder(self, n_ctx: int, n_seq: int, n_batch: int, f32_kv: bool) -> llama_cpp.Llama:
+    def open_decoder(self, n_ctx: int, n_seq: int, n_batch: int, kv_type: str) -> llama_cpp.Llama:
         """A llama.cpp context of n_seq sequences over n_ctx positions in all, owned by this model."""
         llm = open_llama(self.bundle.decoder_file, n_ctx=n_ctx, n_threads=self.threads, n_batch=n_batch,
-                         f32_kv=f32_kv, n_seq_max=n_seq)
+                         kv_type=kv_type, n_seq_max=n_seq)
         self._decoders.append(llm)
         return llm
 

@@ -18,7 +18,8 @@ import numpy as np
 from ..errors import UserError
 from .answer import Answer
 from .engine import Engine
-from .engine_config import EngineConfig
+from .engine_config import DEFAULT_DEVICE, EngineConfig
+from .kv_type import DEFAULT_KV_TYPE
 from .model import Model
 from .prompt import Message
 from .sampling import SamplingConfig
@@ -48,10 +49,10 @@ class ChatSession:
     def open(
         cls,
         bundle_dir: str | os.PathLike | None = None,
-        device: str = "auto",
+        device: str = DEFAULT_DEVICE,
         threads: int | None = None,
         n_ctx: int | None = None,
-        f32_kv: bool = False,
+        kv_type: str = DEFAULT_KV_TYPE,
         cache_dir: str | os.PathLike | None = None,
         verify: bool = True,
         kv_cache_dir: str | os.PathLike | None = None,
@@ -59,7 +60,7 @@ class ChatSession:
     ) -> ChatSession:
         """Model.open and a chat over it that owns it (for scripts: the CLI opens the Model itself)."""
         model = Model.open(bundle_dir, device=device, threads=threads, verify=verify, image_cache_dir=cache_dir)
-        config = EngineConfig(parallel=1, n_ctx=n_ctx, f32_kv=f32_kv, image_tokens=image_tokens,
+        config = EngineConfig(parallel=1, n_ctx=n_ctx, kv_type=kv_type, image_tokens=image_tokens,
                               kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
         try:
             return cls(model, config, owns_model=True)
