@@ -49,6 +49,7 @@ def default(config: type, name: str):
 
 IMAGE_TOKENS_HELP = ("tokens per image: fewer prefill faster (VisionZip-style selection in the vision graph; "
                      "default: all, as the model was trained)")
+FORMAT_HELP = "json (any JSON object) or a JSON schema file: the answer is held to it"
 
 
 def _check_threads(threads: Optional[int]) -> None:
@@ -111,6 +112,7 @@ def chat(
     as_json: bool = typer.Option(False, "--json", help="with --prompt: one JSON object with the answer and timings; "
                                                        "without it, one JSON line per question read from stdin"),
     image_tokens: Optional[int] = typer.Option(default(EngineConfig, "image_tokens"), help=IMAGE_TOKENS_HELP),
+    answer_format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     device: str = typer.Option(default(EngineConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
     n_ctx: Optional[int] = typer.Option(None, help=f"context length (default: the model's, at most "
@@ -122,10 +124,12 @@ def chat(
     """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
     from .chat import answer_once, check_image_tokens, context_length, demo_note, repl
     from .runtime.bundle import DEMO_BUNDLE, open_bundle
+    from .runtime.constraint import format_argument
     from .runtime.session import ChatSession
 
     _check_threads(threads)
-    sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              format=format_argument(answer_format))
     manifest = open_bundle(bundle or DEMO_BUNDLE, verify=False)  # the files are verified by the session
     n_ctx = context_length(manifest, n_ctx)
     check_image_tokens(manifest, image_tokens)
@@ -157,6 +161,8 @@ def caption(
     vision_batch: Optional[int] = typer.Option(None, help=f"images per vision run (default {VISION_BATCH}; 1 for int8 "
                                                           "graphs, whose batch mates would change an image's embeddings)"),
     image_tokens: Optional[int] = typer.Option(default(CaptionConfig, "image_tokens"), help=IMAGE_TOKENS_HELP),
+    answer_format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP + " (each line also gets it "
+                                                                      "parsed, as `parsed`)"),
     ray: Optional[str] = typer.Option(None, help="caption on a Ray cluster: local (start one here), auto, HOST:PORT "
                                                  "or ray://HOST:PORT; the paths must be readable on every node"),
     workers: Optional[int] = typer.Option(None, help="with --ray: engines (Ray actors), each --threads cores "
@@ -166,13 +172,15 @@ def caption(
     from .caption.pipeline import format_summary, run_caption
     from .chat import check_image_tokens, demo_note
     from .runtime.bundle import DEMO_BUNDLE, open_bundle
+    from .runtime.constraint import format_argument
 
     _check_threads(threads)
     if workers is not None and ray is None:
         raise UserError("--workers needs --ray (a local run has one engine; --parallel sets its sequences)")
     check_image_tokens(open_bundle(bundle or DEMO_BUNDLE, verify=False), image_tokens)
     cfg = CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel, max_tokens,
-                        temperature, seed, recursive, threads, device, vision_batch, image_tokens)
+                        temperature, seed, recursive, threads, device, vision_batch, image_tokens,
+                        format=format_argument(answer_format))
     if ray is not None:
         require_extra("caption --ray", "ray")
         from .caption.ray_run import RayConfig, run_caption_ray

@@ -26,6 +26,7 @@ class CaptionConfig:
     vision_batch: int | None = None  # None: VISION_BATCH, or 1 for an int8 graph (see vision_batch_size)
     image_tokens: int | None = None  # tokens per image (None: all)
     progress: bool = True
+    format: str | dict | None = None  # "json" or a JSON schema: each answer is held to it (and parsed in its line)
 
     def __post_init__(self):
         self.prompt = self.prompt.strip()  # as `chat` asks it

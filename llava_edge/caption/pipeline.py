@@ -5,6 +5,7 @@ are written, the answers in progress are dropped (a rerun makes them), and the r
 
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import sys
@@ -23,7 +24,7 @@ from ..runtime.sampling import SamplingConfig
 from .config import DEFAULT_PROMPT, VISION_BATCH, CaptionConfig  # noqa: F401  (callers import them from here)
 from .feeder import END, Feeder, Item
 from .inputs import find_images
-from .results import ResultFile, done_key
+from .results import ResultFile, done_key, run_fields
 
 
 
@@ -64,14 +65,15 @@ def run_caption(cfg: CaptionConfig, caption=None) -> CaptionSummary:
     """The files not yet in --out, captioned by `caption` (default: one engine in this process; `--ray`
     passes its own, called the same way)."""
     prompt = cfg.prompt
-    sampling = SamplingConfig(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    sampling = SamplingConfig(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                              format=cfg.format)
     paths = find_images(cfg.inputs, cfg.recursive)
     if not paths:
         raise UserError(f"no image files in {' '.join(cfg.inputs)}" + ("" if cfg.recursive else " (--recursive looks in subfolders)"))
     results = ResultFile(cfg.out)
     done = results.open()
     try:
-        todo = [p for p in paths if done_key(p, prompt) not in done]
+        todo = [p for p in paths if done_key(p, prompt, cfg.format, cfg.image_tokens) not in done]
         summary = CaptionSummary(found=len(paths), already_done=len(paths) - len(todo))
         if todo:
             (caption or _caption)(cfg, prompt, sampling, todo, results, summary)
@@ -126,14 +128,15 @@ def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: li
                     if feeder.failure is not None:
                         raise feeder.failure
                 elif item.error is not None:
-                    write({"path": item.path, "sha256": item.sha256, "prompt": prompt, "error": item.error})
+                    write({"path": item.path, "sha256": item.sha256, "prompt": prompt,
+                           **run_fields(cfg.format, cfg.image_tokens), "error": item.error})
                 else:
                     inflight.append((item, engine.generate([Message("user", prompt, [item.image])], sampling)))
             if inflight and not inflight[0][1].finished:
                 inflight[0][1].wait(0.02)  # short: an image the feeder hands over meanwhile waits at most this
             for entry in [e for e in inflight if e[1].finished]:
                 inflight.remove(entry)
-                record = answer_record(prompt, *entry)
+                record = answer_record(prompt, *entry, run_fields(cfg.format, cfg.image_tokens))
                 if record is None:  # not the image's fault: no line, so that a rerun tries it again
                     summary.failed += 1
                     bar.write(f"llava-edge: {entry[0].path}: {entry[1].error}; not written (a rerun tries again)",
@@ -155,15 +158,30 @@ def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: li
         feeder.join(5)
 
 
-def answer_record(prompt: str, item: Item, gen: Generation) -> dict | None:
-    """The line of a finished answer; None when the engine failed it (llama.cpp's decode returned an error)."""
+def answer_record(prompt: str, item: Item, gen: Generation, fields: dict | None = None) -> dict | None:
+    """The line of a finished answer; None when the engine failed it (llama.cpp's decode returned an error).
+    fields: the run's format and tokens per image (results.run_fields); with a format the line also holds the
+    answer parsed (`parsed`, null when it was cut short)."""
     answer = gen.answer
     if gen.error is not None:
         return None
     timings = answer.timings
     timings.vision_ms, timings.image_cached = item.image.vision_ms, item.image.cached
-    return {"path": item.path, "sha256": item.sha256, "prompt": prompt, "answer": answer.text,
-            "finish_reason": answer.finish_reason, "timings": asdict(timings)}
+    record = {"path": item.path, "sha256": item.sha256, "prompt": prompt, **(fields or {}), "answer": answer.text,
+              "finish_reason": answer.finish_reason, "timings": asdict(timings)}
+    if "format" in record:
+        record["parsed"] = parsed_answer(answer)
+    return record
+
+
+def parsed_answer(answer):
+    """The JSON value of an answer held to a format; None when it was cut short (max tokens)."""
+    if answer.finish_reason != "stop":
+        return None
+    try:
+        return json.loads(answer.text)
+    except json.JSONDecodeError:
+        return None
 
 
 class StopOnSignal:

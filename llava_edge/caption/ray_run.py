@@ -20,7 +20,7 @@ from ..runtime.sampling import SamplingConfig
 from .pipeline import CaptionConfig, CaptionSummary, StopOnSignal, run_caption
 from .ray_cluster import connect, is_client_address, node_cpus, plan_workers
 from .ray_dataset import END, one_line, plan_for, rows_here, rows_through_client
-from .results import ResultFile, done_key
+from .results import ResultFile, record_key
 
 ROWS_PER_PARALLEL = 2  # a batch: twice the answers a worker decodes at once
 
@@ -63,7 +63,7 @@ def _write_rows(rows: queue.Queue, cfg: CaptionConfig, results: ResultFile, summ
     bar = tqdm(total=summary.found, initial=summary.already_done, unit="img", desc="caption", file=sys.stderr,
                dynamic_ncols=True, smoothing=0.1, disable=not cfg.progress)
     bar.set_postfix(errors=0)
-    written: set[tuple[str, str]] = set()
+    written: set[tuple] = set()
 
     def take(row: dict) -> None:
         if row["fatal"]:
@@ -74,7 +74,7 @@ def _write_rows(rows: queue.Queue, cfg: CaptionConfig, results: ResultFile, summ
                       "again)", file=sys.stderr)
             return
         record = json.loads(row["line"])
-        key = done_key(record["path"], record["prompt"])
+        key = record_key(record)
         if key in written:  # from a batch Ray ran again after its worker died
             return
         written.add(key)

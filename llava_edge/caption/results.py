@@ -21,9 +21,22 @@ except ImportError:  # Windows: no advisory lock; one run per file is then the u
     fcntl = None
 
 
-def done_key(path: str, prompt: str) -> tuple[str, str]:
-    """What makes a line done: the same file (by absolute path) asked the same prompt."""
-    return os.path.abspath(path), prompt
+def done_key(path: str, prompt: str, fmt=None, image_tokens: int | None = None) -> tuple:
+    """What makes a line done: the same file (by absolute path) asked the same prompt, for an answer in the same
+    format (--format) from the same tokens per image (--image-tokens). A rerun with another of these answers
+    again."""
+    return os.path.abspath(path), prompt, json.dumps(fmt, sort_keys=True), image_tokens
+
+
+def record_key(record: dict) -> tuple:
+    """The done key of a line (lines written before --format and --image-tokens were in the key lack them)."""
+    return done_key(record["path"], record["prompt"], record.get("format"), record.get("image_tokens"))
+
+
+def run_fields(fmt, image_tokens: int | None) -> dict:
+    """What every line of a run carries besides its prompt: its format and tokens per image, where set."""
+    return {**({"format": fmt} if fmt is not None else {}),
+            **({"image_tokens": image_tokens} if image_tokens is not None else {})}
 
 
 class ResultFile:
@@ -34,7 +47,7 @@ class ResultFile:
         self._unsynced = 0
         self._last_sync = time.monotonic()
 
-    def open(self) -> set[tuple[str, str]]:
+    def open(self) -> set[tuple]:
         """Open for appending (created if missing), cut a torn last line, and return the done keys."""
         if self.path.is_dir():
             raise UserError(f"--out {self.path} is a directory; give a .jsonl file")
@@ -61,7 +74,7 @@ class ResultFile:
         for line in complete.splitlines():
             try:
                 record = json.loads(line)
-                done.add(done_key(record["path"], record["prompt"]))
+                done.add(record_key(record))
             except (ValueError, KeyError, TypeError):
                 unreadable += 1
         if unreadable:

@@ -23,6 +23,7 @@ from ..conversation import stop_strings
 from ..errors import ContextOverflow, UserError
 from .answer import Timings
 from .bundle import DEMO_BUNDLE, Bundle, default_n_ctx, open_bundle
+from .constraint import FormatCompiler
 from .decoder import Decoder
 from .engine_config import EngineConfig
 from .executor import Executor
@@ -62,6 +63,7 @@ class Engine:
         self.executor = Executor(llm, self.n_batch, self.decoder.n_embd, self.decoder.n_vocab)
         self.prefix_states = PrefixStates(config.kv_cache_dir, llm, bundle.manifest["files"]["decoder"]["sha256"],
                                           bundle.template, config.f32_kv) if config.kv_cache_dir else None
+        self.formats = FormatCompiler(self.decoder, bundle.eos_id)  # the answer formats (JSON schemas), compiled
         self.image_cache_hits = 0
         self.step_cost = StepCost()  # measured decode times, for the step budget
         self._step_lock = threading.Lock()  # one stepper at a time: llama.cpp's context is not thread-safe
@@ -107,6 +109,7 @@ class Engine:
         image_tokens = self.vision.check_image_tokens(image_tokens if image_tokens is not None
                                                       else self.config.image_tokens)
         check_messages(messages)
+        constraint = self.formats.open(sampling.format)  # here, in the caller's thread, before any image encode
         self.scheduler.reserve()
         try:
             timings = Timings(image_tokens=image_tokens or self.n_image_tokens)
@@ -126,7 +129,8 @@ class Engine:
         except BaseException:
             self.scheduler.unreserve()
             raise
-        gen = Generation(self, prompt.images, sampling, self.stops + list(sampling.stop), timings, t_start)
+        gen = Generation(self, prompt.images, sampling, self.stops + list(sampling.stop), timings, t_start,
+                         constraint, [k for k in prompt.keys if isinstance(k, int)])
         gen.job = Job(prompt.keys, prompt.image_spans, prefill_only, owner=gen)
         if self.prefix_states is not None:  # the disk store saves the KV at the first image's end
             gen.job.cut = gen.job.first_image_end()
@@ -314,12 +318,12 @@ class Engine:
 
     def _draw(self, slot: Slot, row: int) -> None:
         gen = slot.job.owner
-        token, reason = gen.draw(self.executor.logits(row), self.bundle.eos_id, self.decoder.piece,
-                                 self.n_ctx_seq - len(slot.held))
+        tokens, reason = gen.draw(self.executor.logits(row), self.bundle.eos_id, self.decoder.piece,
+                                  self.n_ctx_seq - len(slot.held), self.n_batch // len(self.slots))
         if reason is not None:
             self._release(slot, reason)
         else:
-            self.scheduler.feed(slot, token)
+            self.scheduler.feed(slot, tokens)
 
     def _release(self, slot: Slot, reason: str) -> None:
         job = self.scheduler.release(slot)
