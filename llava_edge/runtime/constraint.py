@@ -41,6 +41,32 @@ def check_format(fmt) -> None:
         raise UserError("the JSON schema's \"type\" must be a string or a list of strings")
 
 
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "contains", "propertyNames", "if", "then", "else")
+
+
+def closed_objects(schema):
+    """The schema with `additionalProperties: false` on every object that lists its properties and says nothing
+    of others (a copy). As llama.cpp's and so Ollama's grammars read a schema: a client's pydantic schema omits
+    it, and a model free to add keys can ramble on in one it made up."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(sub) for sub in out[key]]
+    for key in _SCHEMA_ONE:
+        if key in out:
+            out[key] = closed_objects(out[key])
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def format_argument(text: str | None) -> str | dict | None:
     """The --format of chat and caption: "json", or the path of a JSON schema file."""
     if text is None or text == "json":
@@ -99,7 +125,7 @@ class FormatCompiler:
         check_format(fmt)
         if fmt is None:
             return None
-        schema = JSON_MODE if fmt == "json" else fmt
+        schema = JSON_MODE if fmt == "json" else closed_objects(fmt)
         key = json.dumps(schema, sort_keys=True)
         with self._lock:
             matcher = self._compiled.get(key)

@@ -54,7 +54,7 @@ class TokenChooser:
         if self.constraint is not None:
             scores = self.constraint.mask(scores)
         token = sample_token(scores, s.temperature, s.top_p, self.rng, s.top_k, s.min_p)
-        if s.logprobs or s.top_logprobs:
+        if (s.logprobs or s.top_logprobs) and (token != eos_id or s.ignore_eos):  # EOS is no answer token
             self.logprobs.append(_entry(lp, token, s.top_logprobs))
         self.recent.append(token)
         if self.constraint is None or token == eos_id:
