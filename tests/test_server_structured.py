@@ -26,6 +26,14 @@ class Shapes(BaseModel):
     count: int = Field(ge=1, le=3)
 
 
+class ShapesByName(BaseModel):
+    """For the ollama package's tools: its tool type keeps a property's type, enum and description only (a
+    minimum or maximum never reaches the server)."""
+    shape: Literal["circle", "square", "triangle"]
+    color: Literal["red", "green", "blue", "yellow"]
+    count: Literal[1, 2, 3]
+
+
 SCHEMA = Shapes.model_json_schema()
 
 
@@ -162,3 +170,34 @@ def test_constrained_and_free_requests_at_once_free_answers_equal_serial(openai_
         held_jobs = [pool.submit(held, i) for i in images for _ in range(2)]
         assert {k: f.result() for k, f in free_jobs.items()} == serial
         assert all(isinstance(h.result(), Shapes) for h in held_jobs)
+
+
+def image_message_lc():
+    from langchain_core.messages import HumanMessage
+
+    return [HumanMessage(content=[{"type": "text", "text": "Describe the image."},
+                                  {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64(IMAGE)}"}}])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["default", "function_calling"])
+def test_langchain_structured_output_through_both_connectors(server, method):
+    from langchain_ollama import ChatOllama
+    from langchain_openai import ChatOpenAI
+
+    kw = {} if method == "default" else {"method": method}
+    for llm in (ChatOllama(model="m", base_url=server.url, temperature=0),
+                ChatOpenAI(model="m", base_url=f"{server.url}/v1", api_key="unused", temperature=0, max_retries=0)):
+        got = llm.with_structured_output(ShapesByName, **kw).invoke(image_message_lc())
+        assert isinstance(got, ShapesByName), (type(llm).__name__, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["TOOLS", "JSON_SCHEMA"])
+def test_instructor_modes(openai_client, mode):
+    import instructor
+
+    client = instructor.from_openai(openai_client, mode=getattr(instructor.Mode, mode))
+    got = client.chat.completions.create(model="m", response_model=Shapes, messages=user("Describe the image."),
+                                         temperature=0, max_retries=0)
+    assert isinstance(got, Shapes)

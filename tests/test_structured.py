@@ -124,3 +124,35 @@ def test_logprobs_are_llama_cpp_pythons_own_before_the_mask(engine):
         llm.eval([answer[i]])
     assert min(e.logprob for e in gen.logprobs) < -1  # held to the schema: not what the model would say
     llm.close()
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "llava_edge.cli", *args, "--threads", "1"], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parents[1])
+
+
+@pytest.mark.slow
+def test_chat_and_caption_take_a_format_and_a_bad_one_is_one_line(tmp_path):
+    schema = tmp_path / "shapes.json"
+    schema.write_text(json.dumps(SHAPES))
+    done = run_cli("chat", str(IMAGES[0]), "--prompt", "Describe the image.", "--format", str(schema))
+    assert done.returncode == 0, done.stderr
+    jsonschema.validate(json.loads(done.stdout), SHAPES)
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "object", "properties": {"a": {"pattern": "(?<=a)"}}}))
+    for bad, words in [("bad.json", "the JSON schema is not supported"), ("missing.json", "cannot read"),
+                       ("shapes.json-not", "cannot read")]:
+        failed = run_cli("chat", str(IMAGES[0]), "--prompt", "Describe the image.", "--format", str(tmp_path / bad))
+        assert failed.returncode == 2 and words in failed.stderr and "Traceback" not in failed.stderr
+    out = tmp_path / "out.jsonl"
+    for fmt in (str(schema), "json", str(schema)):
+        done = run_cli("caption", str(IMAGES[0]), str(IMAGES[1]), "--out", str(out), "--format", fmt)
+        assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 4  # the schema's two, json mode's two; the third run found both done
+    for line in lines:
+        assert line["parsed"] == json.loads(line["answer"]) and line["format"] in (SHAPES, "json")
+        if line["format"] == SHAPES:
+            jsonschema.validate(line["parsed"], SHAPES)

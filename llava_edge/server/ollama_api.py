@@ -185,9 +185,13 @@ def loaded(model: str, wrap, req: BaseRequest) -> dict:
 
 def chat_format(req: ChatRequest):
     """The answer's format, and for a forced tool call the final message's maker. Ollama's API has no
-    tool_choice: a client that sends OpenAI's (a name or "required") gets its call; tools alone leave the answer
-    free, as Ollama does for a model without a tool-call format."""
-    functions = structured.called_functions(req.tools, req.model_extra.get("tool_choice"))
+    tool_choice, and this model has no tool-call format to choose with: one tool offered is called (LangChain's
+    ChatOllama sends its structured-output tool so, dropping its tool_choice); several (Open WebUI's 36) leave the
+    answer free, unless the body carries OpenAI's tool_choice."""
+    choice = req.model_extra.get("tool_choice")
+    if choice is None and len(req.tools or []) == 1:
+        choice = "required"
+    functions = structured.called_functions(req.tools, choice)
     if functions is None:
         return structured.ollama_format(req.format), None
 
