@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ..paths import DEMO_BUNDLE
+from ..runtime.bundle import default_n_ctx, open_bundle
 from ..runtime.engine import Engine, EngineConfig
 from ..runtime.generation import Message
 from ..runtime.sampling import SamplingConfig
@@ -53,7 +54,8 @@ def seconds_per_token(answer) -> float:
 
 class EnginePaths:
     def __init__(self, bundle: Path, image: Path, threads: int):
-        self.engine = Engine.open(bundle, EngineConfig(threads=threads, n_ctx=1024))
+        self.engine = Engine.open(bundle, EngineConfig(threads=threads))
+        self.engine.start()  # steps on its own thread: Generation.wait() returns the answer
         self.image = image.read_bytes()
 
     def answer(self, **sampling):
@@ -87,7 +89,8 @@ class LlamaCppGrammar:
 
         m = json.loads((bundle / "manifest.json").read_text())
         handler = Llava15ChatHandler(clip_model_path=str(bundle / m["files"]["mmproj"]["name"]), verbose=False)
-        self.llm = open_llama(bundle / m["files"]["decoder"]["name"], n_ctx=1024, n_threads=threads,
+        n_ctx = default_n_ctx(open_bundle(bundle, verify=False))
+        self.llm = open_llama(bundle / m["files"]["decoder"]["name"], n_ctx=n_ctx, n_threads=threads,
                               chat_handler=handler)
         self.grammar = LlamaGrammar.from_json_schema(json.dumps(KEY_HEAVY), verbose=False)
         url = f"data:image/png;base64,{base64.b64encode(image.read_bytes()).decode()}"
@@ -107,14 +110,17 @@ class LlamaCppGrammar:
 def run(bundle: Path, image: Path, rounds: int, threads: int, with_llamacpp: bool) -> dict:
     ours = EnginePaths(bundle, image, threads)
     theirs = LlamaCppGrammar(bundle, image, threads) if with_llamacpp else None
-    ours.round({})  # warm-up: compiles the schemas, fills the caches
     samples: dict[str, list[float]] = {}
     lengths: dict[str, int] = {}
-    for _ in range(rounds):
-        for path, value in ours.round(lengths).items():
-            samples.setdefault(path, []).append(value)
-        if theirs is not None:
-            samples.setdefault("llamacpp_keys", []).append(theirs.seconds_per_token())
+    try:
+        ours.round({})  # warm-up: compiles the schemas, fills the caches
+        for _ in range(rounds):
+            for path, value in ours.round(lengths).items():
+                samples.setdefault(path, []).append(value)
+            if theirs is not None:
+                samples.setdefault("llamacpp_keys", []).append(theirs.seconds_per_token())
+    finally:
+        ours.engine.close()
     median = {path: statistics.median(v) for path, v in samples.items()}
     ratios = {"keys_vs_free": median["keys"] / median["free_keys"],
               "keys_single_vs_free": median["keys_single"] / median["free_keys"],
