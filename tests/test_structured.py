@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from llava_edge.errors import UserError
-from llava_edge.runtime.engine import Engine, EngineConfig
 from llava_edge.runtime.generation import Message
 from llava_edge.runtime.sampling import SamplingConfig
 from llava_edge.runtime.token_choice import log_softmax
+from test_engine import engine  # noqa: F401  (the fixture: the demo bundle, 4 slots, stepping on its thread)
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 IMAGES = sorted(EXAMPLES.glob("*.png"))
@@ -27,14 +27,6 @@ SHAPES = {"type": "object", "properties": {
     "required": ["shape", "color", "count"], "additionalProperties": False}
 FREE = [("Describe the image.", None), ("How many shapes are there?" + SUFFIX, None)]
 HELD = [("Describe the image as JSON.", SHAPES), ("Describe the image.", "json")]
-
-
-@pytest.fixture(scope="module")
-def engine():
-    eng = Engine.open(config=EngineConfig(parallel=4, threads=1))
-    eng.start()
-    yield eng
-    eng.close()
 
 
 def ask(engine, image, question, fmt=None, **kw):
