@@ -93,6 +93,12 @@ def test_openai_forced_tool_call(openai_client):
     call = choice.message.tool_calls[0]
     assert call.function.name == "report_shape"
     jsonschema.validate(json.loads(call.function.arguments), SCHEMA)
+    chunks = [c for c in openai_client.chat.completions.create(
+        model="m", messages=user("Describe the image."), tools=tools, temperature=0, stream=True,
+        tool_choice={"type": "function", "function": {"name": "report_shape"}}) if c.choices]
+    streamed = [t for c in chunks for t in c.choices[0].delta.tool_calls or []]
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "tool_calls"
+    assert [(t.function.name, t.function.arguments) for t in streamed] == [("report_shape", call.function.arguments)]
 
 
 @pytest.mark.parametrize("body, words", [

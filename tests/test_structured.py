@@ -138,6 +138,9 @@ def test_chat_and_caption_take_a_format_and_a_bad_one_is_one_line(tmp_path):
                        ("shapes.json-not", "cannot read")]:
         failed = run_cli("chat", str(IMAGES[0]), "--prompt", "Describe the image.", "--format", str(tmp_path / bad))
         assert failed.returncode == 2 and words in failed.stderr and "Traceback" not in failed.stderr
+    failed = run_cli("caption", str(IMAGES[0]), "--out", str(tmp_path / "bad.jsonl"), "--format",
+                     str(tmp_path / "bad.json"))
+    assert failed.returncode == 2 and "the JSON schema is not supported" in failed.stderr, failed.stderr
     out = tmp_path / "out.jsonl"
     for fmt in (str(schema), "json", str(schema)):
         done = run_cli("caption", str(IMAGES[0]), str(IMAGES[1]), "--out", str(out), "--format", fmt)
