@@ -128,8 +128,7 @@ def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: li
                     if feeder.failure is not None:
                         raise feeder.failure
                 elif item.error is not None:
-                    write({"path": item.path, "sha256": item.sha256, "prompt": prompt,
-                           **run_fields(cfg.format, cfg.image_tokens), "error": item.error})
+                    write(error_record(prompt, item, run_fields(cfg.format, cfg.image_tokens)))
                 else:
                     inflight.append((item, engine.generate([Message("user", prompt, [item.image])], sampling)))
             if inflight and not inflight[0][1].finished:
@@ -172,6 +171,11 @@ def answer_record(prompt: str, item: Item, gen: Generation, fields: dict | None 
     if "format" in record:
         record["parsed"] = parsed_answer(answer)
     return record
+
+
+def error_record(prompt: str, item: Item, fields: dict) -> dict:
+    """The line of an image that could not be read."""
+    return {"path": item.path, "sha256": item.sha256, "prompt": prompt, **fields, "error": item.error}
 
 
 def parsed_answer(answer):
