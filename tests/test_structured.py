@@ -92,6 +92,29 @@ def test_bad_formats_are_one_line_before_any_image_encode(engine, fmt, match):
         engine.vision.encode = encodes
 
 
+HOSTILE = [{"$ref": "#"}, {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]},
+           {"type": "string", "pattern": "(a*)*b{1000}{1000}"}, {"type": "string", "minLength": 10 ** 9},
+           {"type": "array", "minItems": 10 ** 6, "items": {"type": "integer"}}, {"$ref": "#/nope"}]
+
+
+def test_hostile_schemas_are_refused_or_answered_and_the_batch_goes_on(engine):
+    free = ask(engine, IMAGES[0], "Describe the image.")
+    outcomes = []
+    for schema in HOSTILE:
+        try:
+            gen = ask(engine, IMAGES[1], "Describe the image.", schema, max_tokens=16)
+            outcomes.append(gen.wait().finish_reason)
+            if gen.error is not None:  # the request's own format got stuck: its answer alone ends, with why
+                assert gen.error.startswith("the answer's format") and gen.answer.finish_reason == "error"
+        except UserError as e:
+            outcomes.append(str(e))
+    assert outcomes[0] == "the JSON schema is not supported: it admits no JSON value (NoExtensionBias)"
+    assert "Pointer '/nope' does not exist" in outcomes[-1]
+    assert all(o in ("stop", "length", "error") or o.startswith("the JSON schema") for o in outcomes), outcomes
+    assert free.wait().finish_reason == "stop" and free.answer.text == "".join(ask(engine, IMAGES[0],
+                                                                                  "Describe the image."))
+
+
 def test_logprobs_are_llama_cpp_pythons_own_before_the_mask(engine):
     """The oracle: llama-cpp-python's own Llama on the same GGUF (flash attention, as the engine opens it)
     evaluates the prompt, then the answer one token at a time, and the log-softmax of its logits must give the

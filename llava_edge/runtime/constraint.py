@@ -155,7 +155,12 @@ def _compile_in_time(schema: dict, tokenizer):
                 result["error"] = messages[0]
             else:
                 matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-                result["error" if matcher.is_error() else "matcher"] = matcher.get_error() or matcher
+                probe = matcher.deep_copy()
+                probe.compute_bitmask()  # a schema with no finite value (a bare self-reference) fails here
+                if probe.is_error():
+                    result["error"] = f"it admits no JSON value ({_first_line(probe.get_error())})"
+                else:
+                    result["matcher"] = matcher
         except (ValueError, TypeError, RuntimeError) as e:
             result["error"] = str(e)
         done.set()
@@ -173,6 +178,10 @@ def _first_line(message: str) -> str:
     return line[:300]
 
 
+class FormatError(UserError):
+    """The format admits no token where the answer stands (a schema with no finite value, a lexer limit hit)."""
+
+
 class Constraint:
     """One request's grammar state: which tokens may come next, the tokens it forces, whether it may end."""
 
@@ -182,6 +191,8 @@ class Constraint:
     def allowed(self) -> np.ndarray:
         """A boolean row over the vocabulary: the tokens the grammar admits now (EOS only where it may end)."""
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        if self.matcher.is_error():
+            raise FormatError(f"the answer's format admits nothing here: {_first_line(self.matcher.get_error())}")
         return np.unpackbits(bits, bitorder="little")[: self.n_vocab].astype(bool)
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
@@ -190,7 +201,7 @@ class Constraint:
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):
-            raise RuntimeError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+            raise FormatError(f"the answer's format refused token {token}: {_first_line(self.matcher.get_error())}")
 
     def forced(self, limit: int) -> list[int]:
         """The tokens the grammar admits as the only continuation from here (at most `limit`), accepted."""
@@ -198,7 +209,7 @@ class Constraint:
             return []
         tokens = self.matcher.compute_ff_tokens()[:limit]
         if tokens and not self.matcher.consume_tokens(tokens):
-            raise RuntimeError(f"the grammar refused its own forced tokens: {self.matcher.get_error()}")
+            raise FormatError(f"the answer's format refused its forced tokens: {_first_line(self.matcher.get_error())}")
         return tokens
 
     @property

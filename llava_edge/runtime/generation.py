@@ -13,7 +13,9 @@ import time
 
 import numpy as np
 
+from ..errors import UserError
 from .answer import Answer, AnswerText, Timings
+from .constraint import FormatError
 from .prompt import Message  # noqa: F401  (re-exported: callers build requests from Messages)
 from .sampling import SamplingConfig
 from .scheduler import Key  # noqa: F401
@@ -32,6 +34,7 @@ class Generation:
         self.chooser = TokenChooser(sampling, constraint, list(prompt_tokens))  # the format, penalties, logprobs
         self.answer: Answer | None = None
         self.error: str | None = None
+        self.error_is_users = False  # the error is the request's own (its format), not the engine's
         self.last_logits: np.ndarray | None = None
         self.t_prefill = self.t_first = 0.0
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -70,7 +73,7 @@ class Generation:
                 self.engine.step()  # frees the slot and finishes the answer now
             raise
         if self.error is not None:
-            raise RuntimeError(self.error)
+            raise (UserError if self.error_is_users else RuntimeError)(self.error)
 
     # ------------------------------------------------------------------ fed by the stepping thread
 
@@ -97,7 +100,11 @@ class Generation:
             t.prefill_ms = 1000 * (now - self.t_prefill)
             t.ttft_ms = 1000 * (now - self.t_start)
         room = min(room_left, batch_room, self.sampling.max_tokens - t.n_generated) - 1
-        choice = self.chooser.choose(logits, eos_id, room)
+        try:
+            choice = self.chooser.choose(logits, eos_id, room)
+        except FormatError as e:  # this request's own format, stuck: its answer ends, the batch goes on
+            self.error, self.error_is_users = str(e), True
+            return None, "error"
         if choice.tokens[0] == eos_id and not self.sampling.ignore_eos:
             return None, "stop"
         for token in choice.tokens:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .constraint import Constraint
+from .constraint import Constraint, FormatError
 from .sampling import SamplingConfig, apply_repeat_penalty, sample_token
 
 MAX_FORCED = 32  # forced tokens that ride in one decode with the token before them
@@ -53,6 +53,8 @@ class TokenChooser:
         scores = apply_repeat_penalty(logits, list(self.recent), s.repeat_penalty)
         if self.constraint is not None:
             scores = self.constraint.mask(scores)
+            if not np.isfinite(scores).any():
+                raise FormatError("the answer's format admits no token here")
         token = sample_token(scores, s.temperature, s.top_p, self.rng, s.top_k, s.min_p)
         if (s.logprobs or s.top_logprobs) and (token != eos_id or s.ignore_eos):  # EOS is no answer token
             self.logprobs.append(_entry(lp, token, s.top_logprobs))
