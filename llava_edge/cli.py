@@ -50,6 +50,7 @@ def default(config: type, name: str):
 
 IMAGE_TOKENS_HELP = ("tokens per image: fewer prefill faster (VisionZip-style selection in the vision graph; "
                      "default: all, as the model was trained)")
+FORMAT_HELP = "json (any JSON object) or a JSON schema file: the answer is held to it"
 
 
 def _check_threads(threads: Optional[int]) -> None:
@@ -112,6 +113,7 @@ def chat(
     as_json: bool = typer.Option(False, "--json", help="with --prompt: one JSON object with the answer and timings; "
                                                        "without it, one JSON line per question read from stdin"),
     image_tokens: Optional[int] = typer.Option(default(EngineConfig, "image_tokens"), help=IMAGE_TOKENS_HELP),
+    answer_format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
     device: str = typer.Option(DEFAULT_DEVICE, help="vision on auto|cpu|cuda|tensorrt"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
     n_ctx: Optional[int] = typer.Option(None, help=f"context length (default: the model's, at most "
@@ -124,9 +126,11 @@ def chat(
     """Ask about an image with an edge bundle (ONNX Runtime vision + llama.cpp decoder)."""
     from .chat import answer_once, demo_note, repl
     from .runtime import ChatSession, Model
+    from .runtime.constraint import format_argument
 
     _check_threads(threads)
-    sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    sampling = SamplingConfig(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              format=format_argument(answer_format))
     model = Model.open(bundle, device=device, threads=threads, image_cache_dir=cache_dir)
     config = EngineConfig(parallel=1, n_ctx=n_ctx, image_tokens=image_tokens, kv_type=kv_type,
                           kv_cache_dir=str(kv_cache_dir) if kv_cache_dir else None)
@@ -157,6 +161,8 @@ def caption(
     vision_batch: Optional[int] = typer.Option(None, help=f"images per vision run (default {VISION_BATCH}; 1 for int8 "
                                                           "graphs, whose batch mates would change an image's embeddings)"),
     image_tokens: Optional[int] = typer.Option(default(CaptionConfig, "image_tokens"), help=IMAGE_TOKENS_HELP),
+    answer_format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP + " (each line also gets it "
+                                                                      "parsed, as `parsed`)"),
     ray: Optional[str] = typer.Option(None, help="caption on a Ray cluster: local (start one here), auto, HOST:PORT "
                                                  "or ray://HOST:PORT; the paths must be readable on every node"),
     workers: Optional[int] = typer.Option(None, help="with --ray: engines (Ray actors), each --threads cores "
@@ -166,12 +172,14 @@ def caption(
     """Caption (or ask one question about) every image of a folder: a JSONL line per image, resumable."""
     from .caption.pipeline import format_summary, run_caption
     from .chat import DEMO_NOTE
+    from .runtime.constraint import format_argument
 
     _check_threads(threads)
     if workers is not None and ray is None:
         raise UserError("--workers needs --ray (a local run has one engine; --parallel sets its sequences)")
     cfg = CaptionConfig(inputs, str(out), prompt, str(bundle) if bundle else None, parallel, max_tokens,
-                        temperature, seed, recursive, threads, device, vision_batch, image_tokens, kv_type=kv_type)
+                        temperature, seed, recursive, threads, device, vision_batch, image_tokens, kv_type=kv_type,
+                        format=format_argument(answer_format))
     if ray is not None:
         require_extra("caption --ray", "ray")
         from .caption.ray_run import RayConfig, run_caption_ray

@@ -273,3 +273,18 @@ def test_a_later_request_s_text_does_not_delay_the_first_one_s_answer():
     plan = s.plan(512)
     assert plan.embeddings.slot.job is first and (plan.embeddings.begin, plan.embeddings.end) == (0, 14)
     assert [e.token for e in plan.tokens] == [1, 30, 31] and all(e.slot.job is chat for e in plan.tokens)
+
+
+def test_forced_tokens_ride_in_one_decode_after_the_drawn_token_and_only_the_last_wants_logits():
+    s = Scheduler(n_slots=2, queue_limit=4, n_batch=64)
+    a = submit(s, job([1, 2, 3]))
+    b = submit(s, job([1, 5, 6, 8]))
+    s.admit()
+    run_to_decoding(s)
+    s.feed(s.slots[0], [40, 41, 42])  # a drew 40; its format forces 41 and 42
+    plan = s.plan(0)
+    assert [(e.slot.job, e.token, e.pos, e.wants_logits) for e in plan.tokens] == [
+        (a, 40, 3, False), (a, 41, 4, False), (a, 42, 5, True), (b, 7, 4, True)]
+    s.commit_tokens(plan)
+    assert s.slots[0].held == [1, 2, 3, 40, 41, 42] and not a.decoding and a.forced == []
+    assert s.slots[1].held == [1, 5, 6, 8, 7] and a.cursor == 3 and b.cursor == 4  # the prompt cursors stay

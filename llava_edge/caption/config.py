@@ -28,6 +28,7 @@ class CaptionConfig:
     image_tokens: int | None = None  # tokens per image (None: all)
     progress: bool = True
     kv_type: str = DEFAULT_KV_TYPE  # f16|q8_0|q4_0 (runtime/kv_type.py)
+    format: str | dict | None = None  # "json" or a JSON schema: each answer is held to it (and parsed in its line)
 
     def __post_init__(self):
         check_kv_type(self.kv_type)

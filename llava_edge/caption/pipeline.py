@@ -5,6 +5,7 @@ are written, the answers in progress are dropped (a rerun makes them), and the r
 
 from __future__ import annotations
 
+import json
 import queue
 import signal
 import sys
@@ -21,7 +22,7 @@ from ..runtime.generation import Generation
 from .config import DEFAULT_PROMPT, VISION_BATCH, CaptionConfig  # noqa: F401  (callers import them from here)
 from .feeder import END, Feeder, Item
 from .inputs import find_images
-from .results import ResultFile, done_key
+from .results import ResultFile, done_key, run_fields
 
 
 
@@ -71,14 +72,15 @@ def run_caption(cfg: CaptionConfig, caption=None) -> CaptionSummary:
     """The files not yet in --out, captioned by `caption` (default: one engine in this process; `--ray`
     passes its own, called the same way)."""
     prompt = cfg.prompt
-    sampling = SamplingConfig(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    sampling = SamplingConfig(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                              format=cfg.format)
     paths = find_images(cfg.inputs, cfg.recursive)
     if not paths:
         raise UserError(f"no image files in {' '.join(cfg.inputs)}" + ("" if cfg.recursive else " (--recursive looks in subfolders)"))
     results = ResultFile(cfg.out)
     done = results.open()
     try:
-        todo = [p for p in paths if done_key(p, prompt) not in done]
+        todo = [p for p in paths if done_key(p, prompt, cfg.format, cfg.image_tokens) not in done]
         summary = CaptionSummary(found=len(paths), already_done=len(paths) - len(todo))
         if todo:
             (caption or _caption)(cfg, prompt, sampling, todo, results, summary)
@@ -106,7 +108,7 @@ def _caption(cfg: CaptionConfig, prompt: str, sampling: SamplingConfig, todo: li
     summary.demo = engine.model.is_demo
     feeder = Feeder(engine.vision, todo, batch, depth=2 * cfg.parallel + batch, budget=engine.default_budget)
     lines = LineWriter(results, summary, progress_bar(cfg, summary))
-    run = LocalRun(engine, feeder, prompt, sampling, lines, most_inflight=2 * cfg.parallel)
+    run = LocalRun(engine, feeder, prompt, sampling, lines, run_fields(cfg.format, cfg.image_tokens), 2 * cfg.parallel)
     stop = StopOnSignal()
     t0 = time.perf_counter()
     try:
@@ -171,6 +173,7 @@ class LocalRun:
     prompt: str
     sampling: SamplingConfig
     lines: LineWriter
+    fields: dict  # the run's format and tokens per image (results.run_fields), in every line
     most_inflight: int  # N answers decoding and N waiting for a slot keep the engine's queue full
     inflight: deque[tuple[Item, Generation]] = field(default_factory=deque)
     fed_all: bool = False
@@ -187,7 +190,7 @@ class LocalRun:
                 if self.feeder.failure is not None:
                     raise self.feeder.failure
             elif item.error is not None:
-                self.lines.write({"path": item.path, "sha256": item.sha256, "prompt": self.prompt, "error": item.error})
+                self.lines.write(error_record(self.prompt, item, self.fields))
             else:
                 message = Message("user", self.prompt, [item.image])
                 self.inflight.append((item, self.engine.generate([message], self.sampling)))
@@ -198,22 +201,42 @@ class LocalRun:
             self.inflight[0][1].wait(0.02)  # short: an image the feeder hands over meanwhile waits at most this
         for entry in [e for e in self.inflight if e[1].finished]:
             self.inflight.remove(entry)
-            record = answer_record(self.prompt, *entry)
+            record = answer_record(self.prompt, *entry, self.fields)
             if record is None:  # not the image's fault
                 self.lines.note_failed(f"{entry[0].path}: {entry[1].error}")
             else:
                 self.lines.write(record)
 
 
-def answer_record(prompt: str, item: Item, gen: Generation) -> dict | None:
-    """The line of a finished answer; None when the engine failed it (llama.cpp's decode returned an error)."""
+def answer_record(prompt: str, item: Item, gen: Generation, fields: dict | None = None) -> dict | None:
+    """The line of a finished answer; None when the engine failed it (llama.cpp's decode returned an error).
+    fields: the run's format and tokens per image (results.run_fields); with a format the line also holds the
+    answer parsed (`parsed`, null when it was cut short)."""
     answer = gen.answer
     if gen.error is not None:
         return None
     timings = answer.timings
     timings.vision_ms, timings.image_cached = item.image.vision_ms, item.image.cached
-    return {"path": item.path, "sha256": item.sha256, "prompt": prompt, "answer": answer.text,
-            "finish_reason": answer.finish_reason, "timings": asdict(timings)}
+    record = {"path": item.path, "sha256": item.sha256, "prompt": prompt, **(fields or {}), "answer": answer.text,
+              "finish_reason": answer.finish_reason, "timings": asdict(timings)}
+    if "format" in record:
+        record["parsed"] = parsed_answer(answer)
+    return record
+
+
+def error_record(prompt: str, item: Item, fields: dict) -> dict:
+    """The line of an image that could not be read."""
+    return {"path": item.path, "sha256": item.sha256, "prompt": prompt, **fields, "error": item.error}
+
+
+def parsed_answer(answer):
+    """The JSON value of an answer held to a format; None when it was cut short (max tokens)."""
+    if answer.finish_reason != "stop":
+        return None
+    try:
+        return json.loads(answer.text)
+    except json.JSONDecodeError:
+        return None
 
 
 class StopOnSignal:

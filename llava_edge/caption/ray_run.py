@@ -20,7 +20,7 @@ from ..runtime.sampling import SamplingConfig
 from .pipeline import CaptionConfig, CaptionSummary, LineWriter, StopOnSignal, progress_bar, run_caption
 from .ray_cluster import connect, is_client_address, node_cpus, plan_workers
 from .ray_dataset import END, one_line, plan_for, rows_here, rows_through_client
-from .results import ResultFile, done_key
+from .results import ResultFile, record_key
 
 ROWS_PER_PARALLEL = 2  # a batch: twice the answers a worker decodes at once
 
@@ -59,7 +59,7 @@ def _caption_on_ray(cfg: CaptionConfig, ray_cfg: RayConfig, sampling: SamplingCo
 
 def _write_rows(rows: queue.Queue, cfg: CaptionConfig, results: ResultFile, summary: CaptionSummary) -> None:
     lines = LineWriter(results, summary, progress_bar(cfg, summary))
-    written: set[tuple[str, str]] = set()
+    written: set[tuple] = set()
 
     def take(row: dict) -> None:
         if row["fatal"]:
@@ -68,7 +68,7 @@ def _write_rows(rows: queue.Queue, cfg: CaptionConfig, results: ResultFile, summ
             lines.note_failed(f"an answer failed in the engine ({row['failed']})")
             return
         record = json.loads(row["line"])
-        key = done_key(record["path"], record["prompt"])
+        key = record_key(record)
         if key in written:  # from a batch Ray ran again after its worker died
             return
         written.add(key)

@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..runtime import Message, SamplingConfig
 from .feeder import END, Feeder
 from .pipeline import CaptionConfig, answer_record, open_engine
+from .results import run_fields
 
 CALLS_AT_ONCE = 2  # batches one worker answers together: the next one's images are read while this one decodes
 
@@ -22,7 +23,9 @@ CALLS_AT_ONCE = 2  # batches one worker answers together: the next one's images 
 class CaptionWorker:
     def __init__(self, cfg: CaptionConfig, batch_rows: int):
         self.prompt = cfg.prompt
-        self.sampling = SamplingConfig(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+        self.sampling = SamplingConfig(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed,
+                                       format=cfg.format)
+        self.fields = run_fields(cfg.format, cfg.image_tokens)
         self.engine, self.fatal = None, None
         try:
             self.engine, self.vision_batch = open_engine(cfg, queue=CALLS_AT_ONCE * batch_rows)
@@ -46,7 +49,7 @@ class CaptionWorker:
                 path = shown[item.path]
                 if item.error is not None:
                     rows[item.path]["line"] = json.dumps(
-                        {"path": path, "sha256": item.sha256, "prompt": self.prompt,
+                        {"path": path, "sha256": item.sha256, "prompt": self.prompt, **self.fields,
                          "error": item.error.replace(item.path, path, 1)}, ensure_ascii=False)
                 else:
                     pending.append((item, self.engine.generate([Message("user", self.prompt, [item.image])],
@@ -55,7 +58,7 @@ class CaptionWorker:
                 raise feeder.failure
             for item, gen in pending:
                 gen.wait()
-                record = answer_record(self.prompt, item, gen)
+                record = answer_record(self.prompt, item, gen, self.fields)
                 if record is None:
                     rows[item.path]["failed"] = str(gen.error)
                 else:

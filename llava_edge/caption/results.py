@@ -25,13 +25,22 @@ except ImportError:  # Windows: no advisory lock; one run per file is then the u
     fcntl = None
 
 
-def done_key(path: str, prompt: str) -> tuple[str, str]:
-    """What makes a line done: the same file (by absolute path) asked the same prompt."""
-    return os.path.abspath(path), prompt
+def done_key(path: str, prompt: str, fmt=None, image_tokens: int | None = None) -> tuple:
+    """What makes a line done: the same file (by absolute path) asked the same prompt, for an answer in the same
+    format (--format) from the same tokens per image (--image-tokens). A rerun with another of these answers
+    again."""
+    return os.path.abspath(path), prompt, json.dumps(fmt, sort_keys=True), image_tokens
 
 
-def caption_key(record: dict) -> tuple[str, str]:
-    return done_key(record["path"], record["prompt"])
+def record_key(record: dict) -> tuple:
+    """The done key of a line (lines written before --format and --image-tokens were in the key lack them)."""
+    return done_key(record["path"], record["prompt"], record.get("format"), record.get("image_tokens"))
+
+
+def run_fields(fmt, image_tokens: int | None) -> dict:
+    """What every line of a run carries besides its prompt: its format and tokens per image, where set."""
+    return {**({"format": fmt} if fmt is not None else {}),
+            **({"image_tokens": image_tokens} if image_tokens is not None else {})}
 
 
 class ResultFile:
@@ -39,7 +48,7 @@ class ResultFile:
     errors; lines: after open(), the last complete line of each done key."""
 
     def __init__(self, path: str | os.PathLike, fsync_lines: int = 16, fsync_seconds: float = 2.0,
-                 key: Callable[[dict], Hashable] = caption_key, option: str = "--out"):
+                 key: Callable[[dict], Hashable] = record_key, option: str = "--out"):
         self.path = Path(path)
         self.key, self.option = key, option
         self.lines: dict[Hashable, dict] = {}
@@ -48,7 +57,7 @@ class ResultFile:
         self._unsynced = 0
         self._last_sync = time.monotonic()
 
-    def open(self) -> set[tuple[str, str]]:
+    def open(self) -> set[tuple]:
         """Open for appending (created if missing), cut a torn last line, and return the done keys: those whose
         last line holds an answer (an error line's input is tried again)."""
         if self.path.is_dir():

@@ -21,6 +21,7 @@ import numpy as np
 from ..conversation import stop_strings
 from ..errors import ContextOverflow, UserError
 from .answer import Timings
+from .constraint import FormatCompiler
 from .engine_config import EngineConfig
 from .executor import Executor
 from .generation import Generation
@@ -66,6 +67,7 @@ class Engine:
         self.prefix_states = PrefixStates(config.kv_cache_dir, self.bundle.manifest["files"]["decoder"]["sha256"],
                                           self.bundle.template, self.executor.kv_description) \
             if config.kv_cache_dir else None
+        self.formats = FormatCompiler(self.tokenizer, self.bundle.eos_id)  # the answer formats (JSON schemas), compiled
         self.image_cache_hits = 0
         self.step_cost = StepCost()  # measured decode times, for the step budget
         self._step_lock = threading.Lock()  # one stepper at a time: llama.cpp's context is not thread-safe
@@ -122,6 +124,7 @@ class Engine:
         t_start = time.perf_counter()
         budget = self.budget(image_tokens)
         check_messages(messages)
+        constraint = self.formats.open(sampling.format)  # here, in the caller's thread, before any image encode
         self.scheduler.reserve()
         try:
             timings = Timings(image_tokens=budget.n_tokens)
@@ -137,7 +140,8 @@ class Engine:
         except BaseException:
             self.scheduler.unreserve()
             raise
-        gen = Generation(self, prompt.images, sampling, self.stops + list(sampling.stop), timings, t_start)
+        gen = Generation(self, prompt.images, sampling, self.stops + list(sampling.stop), timings, t_start,
+                         constraint, [k for k in prompt.keys if isinstance(k, int)])
         gen.job = Job(prompt.keys, prompt.image_spans, prefill_only, owner=gen)
         if self.prefix_states is not None:  # the disk store saves the KV at the first image's end
             gen.job.cut = gen.job.first_image_end()
@@ -329,12 +333,12 @@ class Engine:
 
     def _draw(self, slot: Slot, row: int) -> None:
         gen = slot.job.owner
-        token, reason = gen.draw(self.executor.logits(row), self.bundle.eos_id, self.tokenizer.piece,
-                                 self.n_ctx_seq - len(slot.held))
+        tokens, reason = gen.draw(self.executor.logits(row), self.bundle.eos_id, self.tokenizer.piece,
+                                  self.n_ctx_seq - len(slot.held), self.n_batch // len(self.slots))
         if reason is not None:
             self._release(slot, reason)
         else:
-            self.scheduler.feed(slot, token)
+            self.scheduler.feed(slot, tokens)
 
     def _release(self, slot: Slot, reason: str) -> None:
         job = self.scheduler.release(slot)

@@ -13,22 +13,26 @@ import time
 
 import numpy as np
 
+from ..errors import UserError
 from .answer import Answer, AnswerText, Timings
-from .sampling import SamplingConfig, sample_token
+from .constraint import FormatError
+from .sampling import SamplingConfig
+from .token_choice import TokenChooser
 
 
 class Generation:
     """One request's answer as it is made: iterate for text pieces; `answer` once it has finished."""
 
     def __init__(self, engine, images: dict[int, np.ndarray], sampling: SamplingConfig, stops: list[str],
-                 timings: Timings, t_start: float):
+                 timings: Timings, t_start: float, constraint=None, prompt_tokens: list[int] = ()):
         self.engine, self.sampling, self.timings, self.t_start = engine, sampling, timings, t_start
         self.images = images  # first prompt position of each image -> its embeddings
         self.job = None  # the scheduler's view of this request, set by the engine when it is queued
         self.text = AnswerText(stops)
-        self.rng = np.random.default_rng(sampling.seed)
+        self.chooser = TokenChooser(sampling, constraint, list(prompt_tokens))  # the format, penalties, logprobs
         self.answer: Answer | None = None
         self.error: str | None = None
+        self.error_is_users = False  # the error is the request's own (its format), not the engine's
         self.last_logits: np.ndarray | None = None
         self.t_prefill = self.t_first = 0.0
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -67,7 +71,7 @@ class Generation:
                 self.engine.step()  # frees the slot and finishes the answer now
             raise
         if self.error is not None:
-            raise RuntimeError(self.error)
+            raise (UserError if self.error_is_users else RuntimeError)(self.error)
 
     # ------------------------------------------------------------------ fed by the stepping thread
 
@@ -77,8 +81,15 @@ class Generation:
         t.n_cached, t.n_prefilled, t.kv_restored = n_cached, n_prefilled, t.kv_restored or kv_restored
         self.t_prefill = time.perf_counter()
 
-    def draw(self, logits: np.ndarray, eos_id: int, piece, room_left: int) -> tuple[int | None, str | None]:
-        """The next token from these logits: (token to evaluate next, None) or (None, finish reason)."""
+    @property
+    def logprobs(self):
+        """The answer tokens' log-probabilities so far (when the request asked for them)."""
+        return self.chooser.logprobs
+
+    def draw(self, logits: np.ndarray, eos_id: int, piece, room_left: int,
+             batch_room: int = 1) -> tuple[list[int] | None, str | None]:
+        """The next tokens from these logits: (tokens to evaluate next, None) or (None, finish reason). The
+        tokens are the drawn one and those the format forces after it."""
         self.last_logits = logits
         now = time.perf_counter()
         t = self.timings
@@ -86,16 +97,24 @@ class Generation:
             self.t_first = now
             t.prefill_ms = 1000 * (now - self.t_prefill)
             t.ttft_ms = 1000 * (now - self.t_start)
-        token = sample_token(logits, self.sampling.temperature, self.sampling.top_p, self.rng)
-        if token == eos_id and not self.sampling.ignore_eos:
+        room = min(room_left, batch_room, self.sampling.max_tokens - t.n_generated) - 1
+        try:
+            choice = self.chooser.choose(logits, eos_id, room)
+        except FormatError as e:  # this request's own format, stuck: its answer ends, the batch goes on
+            self.error, self.error_is_users = str(e), True
+            return None, "error"
+        if choice.tokens[0] == eos_id and not self.sampling.ignore_eos:
             return None, "stop"
-        t.n_generated += 1
-        self.emit(self.text.add(piece(token)))
-        if self.text.stopped:
+        for token in choice.tokens:
+            t.n_generated += 1
+            self.emit(self.text.add(piece(token)))
+            if self.text.stopped:
+                return None, "stop"
+        if choice.end:
             return None, "stop"
         if t.n_generated >= self.sampling.max_tokens or room_left <= 0:
             return None, "length"
-        return token, None
+        return choice.tokens, None
 
     def emit(self, piece: str) -> None:
         if piece:

@@ -34,6 +34,7 @@ class Job:
     owner: Any = None  # the engine's request object
     cursor: int = 0  # next prompt position to evaluate
     pending: int | None = None  # a drawn token, evaluated by the next step
+    forced: list[int] = field(default_factory=list)  # tokens the answer's format forces after it, in the same decode
     cancel_reason: str | None = None
     arrival: int = 0
     cut: int = 0  # a position no embeddings chunk runs past (the disk store saves the KV up to it); 0: none
@@ -82,6 +83,7 @@ class TokenEntry:
     token: int
     pos: int
     wants_logits: bool
+    drawn: bool = False  # an answer token (drawn or forced), not a prompt position
 
 
 @dataclass
@@ -242,7 +244,9 @@ class Scheduler:
         active = self.active()
         for s in active:
             if s.job.decoding:
-                plan.tokens.append(TokenEntry(s, s.job.pending, len(s.held), True))
+                drawn = [s.job.pending, *s.job.forced]
+                plan.tokens.extend(TokenEntry(s, t, len(s.held) + k, k == len(drawn) - 1, drawn=True)
+                                   for k, t in enumerate(drawn))
         room = self.n_batch - len(plan.tokens)
         budget = min(budget.tokens if budget.image == 0 else max(budget.tokens, budget.image), room)
         positions = {s.seq: len(s.held) for s in active}
@@ -277,8 +281,8 @@ class Scheduler:
         """The token decode of the plan happened: the slots hold its positions."""
         for e in plan.tokens:
             e.slot.held.append(e.token)
-            if e.slot.job.decoding:
-                e.slot.job.pending = None
+            if e.drawn:
+                e.slot.job.pending, e.slot.job.forced = None, []
             else:
                 e.slot.job.cursor += 1
 
@@ -287,9 +291,11 @@ class Scheduler:
         chunk.slot.held.extend(chunk.slot.job.keys[chunk.begin:chunk.end])
         chunk.slot.job.cursor = chunk.end
 
-    def feed(self, slot: Slot, token: int) -> None:
-        """The token drawn for slot's job: evaluated by the next step."""
-        slot.job.pending = token
+    def feed(self, slot: Slot, tokens: int | list[int]) -> None:
+        """The tokens drawn for slot's job (the drawn one, then those its format forces): evaluated by the next
+        step, in one decode."""
+        tokens = [tokens] if isinstance(tokens, int) else tokens
+        slot.job.pending, slot.job.forced = tokens[0], list(tokens[1:])
 
     def release(self, slot: Slot) -> Job | None:
         """The slot is free again; its KV (held) stays for a later request to reuse."""

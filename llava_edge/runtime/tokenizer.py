@@ -16,7 +16,7 @@ class Tokenizer:
         self.n_vocab = llm.n_vocab()
         n_embd_inp = getattr(llama_cpp, "llama_model_n_embd_inp", llama_cpp.llama_model_n_embd)
         self.n_embd = int(n_embd_inp(llm.model))
-        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._pieces: dict[int, bytes] = {}
 
     def tokenize(self, text: str) -> list[int]:
@@ -27,9 +27,9 @@ class Tokenizer:
         """The bytes one token stands for (a word piece may be part of a UTF-8 character)."""
         if token not in self._pieces:
             buf = ctypes.create_string_buffer(64)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             if n < 0:  # a longer piece: llama.cpp says how many bytes it needs
                 buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
             self._pieces[token] = buf.raw[: max(n, 0)]
         return self._pieces[token]

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..runtime import Message
-from . import generation
+from . import generation, structured
 from .attached_files import strip_listing
 from .errors import ApiError
 from .media import decode_base64
@@ -29,12 +29,16 @@ UNLIMITED = 1 << 20  # num_predict -1 / -2: until EOS or the context is full
 
 
 class Options(BaseModel):
-    model_config = ConfigDict(extra="allow")  # num_ctx, top_k, repeat_penalty, ...: accepted and not used
+    model_config = ConfigDict(extra="allow")  # num_ctx, num_thread, ...: accepted, no bearing on the answer
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     num_predict: int | None = None
     stop: str | list[str] | None = None
+    top_k: int | None = None  # these four are checked by SamplingConfig (400 when bad)
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
     image_tokens: Any = None  # llava-edge's extension: tokens per image (checked by the engine: 400 when bad)
 
 
@@ -50,7 +54,9 @@ class BaseRequest(BaseModel):
     model: str = ""
     stream: bool = True
     options: Options | None = None
-    format: str | dict | None = None
+    format: Any = None  # "json" or a JSON schema (structured.ollama_format)
+    logprobs: bool | None = None  # Ollama >= 0.12.11
+    top_logprobs: int | None = None
 
 
 class ChatRequest(BaseRequest):
@@ -81,9 +87,9 @@ def now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def check_supported(req: BaseRequest) -> None:
-    if req.format:
-        raise ApiError(400, "format (JSON output) is not supported by this server", param="format")
+# options that change an answer and that this server does not honour: named in the request's log line
+NOT_HONOURED = ("presence_penalty", "frequency_penalty", "penalize_newline", "typical_p", "tfs_z", "mirostat",
+                "mirostat_tau", "mirostat_eta")
 
 
 def images_of(encoded: list[str] | None, where: str, cfg, count: list[int]) -> list[bytes]:
@@ -96,10 +102,17 @@ def images_of(encoded: list[str] | None, where: str, cfg, count: list[int]) -> l
     return out
 
 
-def sampling_of(cfg, options: Options | None):
-    o = options or Options()
+def sampling_of(cfg, req: BaseRequest, fmt=None):
+    o = req.options or Options()
     n = o.num_predict if o.num_predict is not None and o.num_predict > 0 else UNLIMITED
-    return sampling_config(cfg, n, o.temperature, o.top_p, o.seed, o.stop)
+    return sampling_config(cfg, n, o.temperature, o.top_p, o.seed, o.stop, format=fmt, top_k=o.top_k,
+                           min_p=o.min_p, repeat_penalty=o.repeat_penalty, repeat_last_n=o.repeat_last_n,
+                           logprobs=bool(req.logprobs or req.top_logprobs), top_logprobs=req.top_logprobs)
+
+
+def ignored_options(options: Options | None) -> list[str]:
+    extra = options.model_extra if options is not None else {}
+    return [name for name in NOT_HONOURED if extra.get(name) not in (None, 0, 0.0, False)]
 
 
 def final_stats(answer, t_start: float) -> dict:
@@ -112,12 +125,15 @@ def final_stats(answer, t_start: float) -> dict:
 
 
 async def answer(request: Request, req: BaseRequest, messages: list[Message], wrap, t_start: float,
-                 truncate: bool = False):
+                 truncate: bool = False, fmt=None, finish=None):
     """Run one request; `wrap(text)` is the API's own text field ({"message": ...} or {"response": ...});
-    with `truncate` the oldest messages are dropped until the conversation fits the context."""
+    with `truncate` the oldest messages are dropped until the conversation fits the context. fmt: the answer's
+    format; finish(text, done_reason): the final message's fields (a tool call's)."""
     state, record = request.app.state, record_of(request)
     model = tagged(state.cfg.model_name)
-    sampling = sampling_of(state.cfg, req.options)
+    sampling = sampling_of(state.cfg, req, fmt)
+    record.fields_ignored(ignored_options(req.options))
+    piece = state.engine.decoder.piece
     if truncate:
         image_tokens = req.options.image_tokens if req.options else None
         fitted = await start_fitting(state.engine, messages, sampling, state.active, image_tokens)
@@ -126,21 +142,36 @@ async def answer(request: Request, req: BaseRequest, messages: list[Message], wr
     else:
         image_tokens = req.options.image_tokens if req.options else None
         running = await generation.start(state.engine, messages, sampling, state.active, image_tokens)
+    sent = 0
+
+    def logprobs() -> dict:
+        nonlocal sent
+        entries, sent = running.gen.logprobs[sent:], len(running.gen.logprobs)
+        return {"logprobs": structured.logprob_entries(entries, piece)} if sampling.logprobs else {}
+
     if not req.stream:
         await running.text(request.receive)
         record.answered(running.answer.timings)
-        return {"model": model, "created_at": now(), **wrap(running.answer.text), **final_stats(running.answer, t_start)}
+        text = running.answer.text
+        final = finish(text, generation.finish_reason(running.answer)) if finish else wrap(text)
+        return {"model": model, "created_at": now(), **final, **logprobs(), **final_stats(running.answer, t_start)}
 
     async def lines():
+        texts = []
         try:
-            async for piece in running.pieces():
-                yield json.dumps({"model": model, "created_at": now(), **wrap(piece), "done": False}) + "\n"
+            async for text in running.pieces():
+                texts.append(text)
+                if finish is None:
+                    yield json.dumps({"model": model, "created_at": now(), **wrap(text), **logprobs(),
+                                      "done": False}) + "\n"
         except Exception as e:  # noqa: BLE001 - after the 200 went out: Ollama sends {"error"} as a line
             record.error = e.message if isinstance(e, ApiError) else f"internal error ({type(e).__name__})"
             yield json.dumps({"error": record.error}) + "\n"
             return
         record.answered(running.answer.timings)
-        yield json.dumps({"model": model, "created_at": now(), **wrap(""), **final_stats(running.answer, t_start)}) + "\n"
+        final = finish("".join(texts), generation.finish_reason(running.answer)) if finish else wrap("")
+        yield json.dumps({"model": model, "created_at": now(), **final, **logprobs(),
+                          **final_stats(running.answer, t_start)}) + "\n"
 
     return generation.StreamedAnswer(lines(), running, "application/x-ndjson")
 
@@ -152,11 +183,31 @@ def loaded(model: str, wrap, req: BaseRequest) -> dict:
     return {"model": model, "created_at": now(), **wrap(""), "done": True, "done_reason": reason}
 
 
+def chat_format(req: ChatRequest):
+    """The answer's format, and for a forced tool call the final message's maker. Ollama's API has no
+    tool_choice, and this model has no tool-call format to choose with: one tool offered is called (LangChain's
+    ChatOllama sends its structured-output tool so, dropping its tool_choice); several (Open WebUI's 36) leave the
+    answer free, unless the body carries OpenAI's tool_choice."""
+    choice = req.model_extra.get("tool_choice")
+    if choice is None and len(req.tools or []) == 1:
+        choice = "required"
+    functions = structured.called_functions(req.tools, choice)
+    if functions is None:
+        return structured.ollama_format(req.format), None
+
+    def finish(text: str, reason: str) -> dict:
+        calls = structured.ollama_tool_calls(text) if reason == "stop" else None
+        message = {"role": "assistant", "content": "" if calls else text}
+        return {"message": {**message, "tool_calls": calls} if calls else message}
+
+    return structured.tool_call_schema(functions), finish
+
+
 @router.post("/api/chat")
 async def chat(request: Request):
     t_start = time.perf_counter()
     req = await parse_body(request, ChatRequest)
-    check_supported(req)
+    fmt, finish = chat_format(req)
 
     def wrap(text: str) -> dict:
         return {"message": {"role": "assistant", "content": text}}
@@ -164,7 +215,7 @@ async def chat(request: Request):
     if not req.messages:
         return loaded(tagged(request.app.state.cfg.model_name), wrap, req)
     record = record_of(request)
-    record.tools_ignored(len(req.tools or []))
+    record.tools_ignored(0 if finish else len(req.tools or []))
     messages, count = [], [0]
     for i, m in enumerate(req.messages):
         if m.role not in ROLES:
@@ -175,14 +226,14 @@ async def chat(request: Request):
         stripped = strip_listing(m.content, len(images))  # Open WebUI's listing of these images, if it leads
         record.attached_files_dropped(stripped.n_dropped)
         messages.append(Message(m.role, stripped.text, images))
-    return await answer(request, req, messages, wrap, t_start, truncate=req.truncate)
+    return await answer(request, req, messages, wrap, t_start, truncate=req.truncate, fmt=fmt, finish=finish)
 
 
 @router.post("/api/generate")
 async def generate(request: Request):
     t_start = time.perf_counter()
     req = await parse_body(request, GenerateRequest)
-    check_supported(req)
+    fmt = structured.ollama_format(req.format)
     if req.raw or req.context:
         raise ApiError(400, "raw prompts and context are not supported: send the conversation to /api/chat")
 
@@ -193,7 +244,7 @@ async def generate(request: Request):
         return loaded(tagged(request.app.state.cfg.model_name), wrap, req)
     messages = [Message("system", req.system)] if req.system else []
     messages.append(Message("user", req.prompt, images_of(req.images, "images", request.app.state.cfg, [0])))
-    return await answer(request, req, messages, wrap, t_start)
+    return await answer(request, req, messages, wrap, t_start, fmt=fmt)
 
 
 def details(bundle) -> dict:

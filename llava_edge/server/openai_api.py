@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..runtime import Message
-from . import generation
+from . import generation, structured
 from .errors import ApiError, error_body
 from .attached_files import strip_listing
 from .media import load_image_url
@@ -63,9 +63,16 @@ class ChatRequest(BaseModel):
     n: int | None = Field(None, ge=1)
     logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False  # vLLM's and llama.cpp's extension: answers of exactly max_tokens (benchmarks)
-    tools: list[dict] | None = None  # accepted and ignored: the model cannot call tools (docs/server-clients.md)
+    tools: list[dict] | None = None  # called when tool_choice demands a call; else ignored (docs/server-clients.md)
     tool_choice: str | dict | None = None
+    response_format: Any = None  # text, json_object, json_schema (structured.openai_format)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None  # 0..20 (checked by SamplingConfig: 400 when bad)
     image_tokens: Any = None  # llava-edge's extension: tokens per image (checked by the engine: 400 when bad)
+
+
+# fields that change an answer and that this server does not honour: named in the request's log line
+NOT_HONOURED = ("frequency_penalty", "presence_penalty")
 
 
 def bans_eos_only(logit_bias: dict[str, float] | None, eos_id: int) -> bool:
@@ -78,11 +85,23 @@ def bans_eos_only(logit_bias: dict[str, float] | None, eos_id: int) -> bool:
     return True
 
 
-def check_tool_choice(req: ChatRequest) -> None:
-    """A request that demands a tool call cannot be served by a model that makes none; "auto" and "none" can."""
-    if req.tool_choice not in (None, "auto", "none"):
-        raise ApiError(400, "tool_choice: this model cannot call tools (send \"auto\", \"none\" or no tool_choice)",
-                       param="tool_choice", code="unsupported_tool_choice")
+def answer_format(req: ChatRequest) -> tuple[str | dict | None, bool]:
+    """The engine's answer format, and whether the answer is a tool call: a tool_choice that demands a call
+    holds the answer to a call of an offered function; else response_format."""
+    functions = structured.called_functions(req.tools, req.tool_choice)
+    if functions is not None:
+        return structured.tool_call_schema(functions), True
+    return structured.openai_format(req.response_format), False
+
+
+def logprob_settings(req: ChatRequest) -> dict:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_logprobs")
+    return {"logprobs": bool(req.logprobs), "top_logprobs": req.top_logprobs}
+
+
+def ignored_fields(req: ChatRequest) -> list[str]:
+    return [name for name in NOT_HONOURED if req.model_extra.get(name) not in (None, 0, 0.0)]
 
 
 async def engine_messages(req: ChatRequest, request: Request) -> list[Message]:
@@ -148,29 +167,49 @@ async def chat_completions(request: Request):
     req = await parse_body(request, ChatRequest)
     if (req.n or 1) != 1:
         raise ApiError(400, "n must be 1: one answer per request", param="n", code="unsupported_n")
-    check_tool_choice(req)
+    fmt, tool_call = answer_format(req)
     state, record = request.app.state, record_of(request)
-    record.tools_ignored(len(req.tools or []))
+    record.tools_ignored(0 if tool_call else len(req.tools or []))
+    record.fields_ignored(ignored_fields(req))
     ignore_eos = req.ignore_eos or bans_eos_only(req.logit_bias, state.engine.bundle.eos_id)
     sampling = sampling_config(state.cfg, req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
-                               req.temperature, req.top_p, req.seed, req.stop, ignore_eos)
+                               req.temperature, req.top_p, req.seed, req.stop, ignore_eos, format=fmt,
+                               **logprob_settings(req))
     running = await generation.start(state.engine, await engine_messages(req, request), sampling, state.active,
                                      req.image_tokens)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.cfg.model_name
+    piece = state.engine.decoder.piece
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = sse_events(running, record, rid, created, model, include_usage)
+        events = sse_events(running, record, rid, created, model, include_usage, piece, tool_call)
         return generation.StreamedAnswer(events, running, "text/event-stream")
     text = await running.text(request.receive)
     answer = running.answer
     record.answered(answer.timings)
+    message, finish = reply(answer.text or text, generation.finish_reason(answer), tool_call)
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text or text},
-                         "logprobs": None, "finish_reason": generation.finish_reason(answer)}],
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs_of(running, piece, 0),
+                         "finish_reason": finish}],
             "usage": usage(answer.timings), "timings": asdict(answer.timings)}
 
 
-async def sse_events(running, record, rid: str, created: int, model: str, include_usage: bool):
+def reply(text: str, finish: str, tool_call: bool) -> tuple[dict, str]:
+    """The assistant message and finish reason: a finished forced call as tool_calls, else the text."""
+    calls = structured.openai_tool_calls(text) if tool_call and finish == "stop" else None
+    if calls is None:
+        return {"role": "assistant", "content": text}, finish
+    return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+
+
+def logprobs_of(running, piece, start: int) -> dict | None:
+    """OpenAI's choice.logprobs for the answer tokens from `start` on (None when not asked for)."""
+    if not running.gen.sampling.logprobs:
+        return None
+    return {"content": structured.logprob_entries(running.gen.logprobs[start:], piece), "refusal": None}
+
+
+async def sse_events(running, record, rid: str, created: int, model: str, include_usage: bool, piece,
+                     tool_call: bool):
     def event(choices: list, **extra) -> str:
         body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
         if include_usage:
@@ -178,13 +217,21 @@ async def sse_events(running, record, rid: str, created: int, model: str, includ
         body.update(extra)
         return f"data: {json.dumps(body)}\n\n"
 
+    sent = 0  # answer tokens whose logprobs went out
+
     def delta(content: dict, finish: str | None = None) -> list:
-        return [{"index": 0, "delta": content, "logprobs": None, "finish_reason": finish}]
+        nonlocal sent
+        logprobs = logprobs_of(running, piece, sent)
+        sent = len(running.gen.logprobs)
+        return [{"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish}]
 
     yield event(delta({"role": "assistant", "content": ""}))
+    texts = []
     try:
-        async for piece in running.pieces():
-            yield event(delta({"content": piece}))
+        async for text in running.pieces():
+            texts.append(text)
+            if not tool_call:  # a call goes out whole, once it is complete
+                yield event(delta({"content": text}))
     except Exception as e:  # noqa: BLE001 - after the 200 went out, the error travels as an event, as OpenAI's
         err = e if isinstance(e, ApiError) else ApiError(500, f"internal error ({type(e).__name__})")
         record.error = err.message
@@ -193,7 +240,12 @@ async def sse_events(running, record, rid: str, created: int, model: str, includ
         return
     answer = running.answer
     record.answered(answer.timings)
-    yield event(delta({}, generation.finish_reason(answer)), timings=asdict(answer.timings))
+    finish = generation.finish_reason(answer)
+    if tool_call:
+        message, finish = reply("".join(texts), finish, tool_call)
+        calls = [{"index": 0, **c} for c in message.get("tool_calls", [])]
+        yield event(delta({"tool_calls": calls} if calls else {"content": message["content"]}))
+    yield event(delta({}, finish), timings=asdict(answer.timings))
     if include_usage:
         yield event([], usage=usage(answer.timings))
     yield "data: [DONE]\n\n"

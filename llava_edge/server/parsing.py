@@ -34,12 +34,15 @@ async def parse_body(request: Request, model: type[Model]) -> Model:
 
 
 def sampling_config(cfg: ServerConfig, max_tokens: int, temperature: float | None, top_p: float | None,
-                    seed: int | None, stop: str | list[str] | None, ignore_eos: bool = False) -> SamplingConfig:
-    """A request's sampling; what it does not name is the served model's default (`serve --temperature`, ...)."""
+                    seed: int | None, stop: str | list[str] | None, ignore_eos: bool = False,
+                    **more) -> SamplingConfig:
+    """A request's sampling; what it does not name is the served model's default (`serve --temperature`, ...).
+    `more`: the other SamplingConfig fields the request set (format, logprobs, top_k, ...)."""
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     try:
         return SamplingConfig(max_tokens=max_tokens, temperature=cfg.temperature if temperature is None else temperature,
                               top_p=cfg.top_p if top_p is None else top_p, seed=cfg.seed if seed is None else seed,
-                              stop=tuple(s for s in stops if s), ignore_eos=ignore_eos)
+                              stop=tuple(s for s in stops if s), ignore_eos=ignore_eos,
+                              **{k: v for k, v in more.items() if v is not None})
     except UserError as e:
         raise ApiError(400, str(e)) from None

@@ -9,7 +9,7 @@
 (each on one line).
 
 Token counts come once an answer ran; the notes say what the server did to the request on its own (Open WebUI's
-file listings dropped, tools ignored, oldest messages dropped to fit, and the positions of a prompt whose last
+file listings dropped, tools ignored, answer-changing fields not honoured, oldest messages dropped to fit, and the positions of a prompt whose last
 message had to be cut); `error` is the message the client got.
 """
 
@@ -39,6 +39,7 @@ class RequestRecord:
     timings: object | None = None  # runtime.answer.Timings once an answer finished
     notes: dict[str, int] = field(default_factory=dict)
     error: str | None = None
+    ignored: list[str] = field(default_factory=list)  # answer-changing fields not honoured (named in the line)
 
     def answered(self, timings) -> None:
         self.timings = timings
@@ -49,6 +50,11 @@ class RequestRecord:
 
     def tools_ignored(self, n: int) -> None:
         self._note("tools_ignored", n, self.metrics.tools_ignored)
+
+    def fields_ignored(self, names: list[str]) -> None:
+        """Request fields that would change the answer and that this server does not honour."""
+        if names:
+            self.ignored.extend(names)
 
     def truncated(self, n_dropped: int, cut_from: int) -> None:
         self._note("truncated", n_dropped, self.metrics.truncated_messages)
@@ -69,6 +75,8 @@ class RequestRecord:
             t = self.timings
             words += [f"prompt={t.n_prompt_tokens}", f"cached={t.n_cached}", f"generated={t.n_generated}"]
         words += [f"{key}={n}" for key, n in self.notes.items()]
+        if self.ignored:
+            words.append("ignored=" + ",".join(self.ignored))
         if self.error is not None:
             words.append("error=" + json.dumps(self.error))
         return "llava-edge serve: " + " ".join(words)
