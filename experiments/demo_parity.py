@@ -24,7 +24,7 @@ from llava_edge.paths import DEMO_CHECKPOINT  # noqa: E402
 from llava_edge.eval.benchmarks import load_benchmark  # noqa: E402
 from llava_edge.eval.engine_runner import answers_of_bundle  # noqa: E402
 from llava_edge.scoring import score_predictions  # noqa: E402
-from llava_edge.train.evaluate import evaluate  # noqa: E402
+from llava_edge.train.reference_answers import evaluate  # noqa: E402
 
 
 def main() -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llava_edge.eval.report import write_report  # noqa: E402
-from llava_edge.eval.config import EvalConfig  # noqa: E402
+from llava_edge.eval.sweep_report import write_report  # noqa: E402
+from llava_edge.eval.eval_config import EvalConfig  # noqa: E402
 from llava_edge.eval.run import run_eval  # noqa: E402
 from llava_edge.eval.table import markdown_table, rows_of  # noqa: E402
 from llava_edge.paths import DEMO_BUNDLE, DEMO_CHECKPOINT  # noqa: E402
-from llava_edge.train.evaluate import answer_prompts  # noqa: E402
+from llava_edge.train.reference_answers import answer_prompts  # noqa: E402
 from llava_edge.train.shapes_benchmarks import build_all  # noqa: E402
 
 

@@ -48,7 +48,7 @@ def stage_make(work: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from spm_fixture import train_tiny_spm
 
-    from llava_edge.config import TextConfig
+    from llava_edge.architectures import TextConfig
     from llava_edge.export.decoder_source import expected_shapes
 
     ckpt = work / "checkpoint"

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from llava_edge.paths import DEMO_CHECKPOINT  # noqa: E402
 from llava_edge.reference import token_reduction  # noqa: E402
-from llava_edge.train.evaluate import evaluate  # noqa: E402
+from llava_edge.train.reference_answers import evaluate  # noqa: E402
 
 CHOSEN = token_reduction._reduce_one
 

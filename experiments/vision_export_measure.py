@@ -52,7 +52,7 @@ def random_llava_vision():
     """LLaVA-1.5-7B vision shapes; a 1-layer toy decoder (not measured here)."""
     import torch
 
-    from llava_edge.config import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
+    from llava_edge.architectures import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
     from llava_edge.reference.llava import Llava
 
     torch.manual_seed(0)
@@ -109,7 +109,7 @@ def stage_export(work: Path, kind: str) -> dict:
 
 
 def stage_variant(work: Path, name: str) -> dict:
-    from llava_edge.quant.onnx_vision import convert_fp16, quantize_int8_dynamic, quantize_int8_static
+    from llava_edge.quant.vision_precision import convert_fp16, quantize_int8_dynamic, quantize_int8_static
 
     src, dst = (work / p for p in VARIANTS[name])
     t = time.perf_counter()

@@ -11,12 +11,12 @@ import typer
 
 from .errors import UserError
 from .extras import require_extra, require_heavy
-from .caption.config import VISION_BATCH, CaptionConfig
-from .eval.config import EvalConfig
+from .caption.caption_config import VISION_BATCH, CaptionConfig
+from .eval.eval_config import EvalConfig
 from .runtime.engine_config import DEFAULT_DEVICE, MAX_DEFAULT_N_CTX, EngineConfig
 from .runtime.kv_type import KV_TYPE_HELP
 from .runtime.sampling import SamplingConfig
-from .server.config import ServerConfig
+from .server.server_config import ServerConfig
 
 # rich_markup_mode=None: typer 0.29's rich help panel prints every option's type, flags included (`--json <bool>`,
 # even `--help <bool>`), though a flag takes no value; its plain formatter leaves the type off flags.
@@ -170,7 +170,7 @@ def caption(
     kv_type: str = typer.Option(default(CaptionConfig, "kv_type"), help=KV_TYPE_HELP),
 ):
     """Caption (or ask one question about) every image of a folder: a JSONL line per image, resumable."""
-    from .caption.pipeline import format_summary, run_caption
+    from .caption.local_run import format_summary, run_caption
     from .chat import DEMO_NOTE
     from .runtime.constraint import format_argument
 
@@ -261,7 +261,7 @@ def eval_(
 ):
     """LLaVA-1.5's benchmarks on a bundle, its reference, or both side by side (greedy, LLaVA's prompts and
     answer parsing)."""
-    from .eval.config import parse_sweep
+    from .eval.eval_config import parse_sweep
     from .eval.run import run_eval
     from .eval.table import as_json as table_json, markdown_table, rows_of
 
@@ -270,7 +270,7 @@ def eval_(
     reference = None
     if ckpt is not None:
         require_heavy("eval --ckpt", ("train",))
-        from .train.evaluate import answer_prompts
+        from .train.reference_answers import answer_prompts
 
         def reference(items, k):
             return answer_prompts(ckpt, items, vision_tower=vision_tower, image_tokens=k, max_new_tokens=max_tokens)
@@ -281,7 +281,7 @@ def eval_(
         raise typer.Exit(130)
     rows = rows_of(run, all_metrics)
     if report:
-        from .eval.report import write_report
+        from .eval.sweep_report import write_report
 
         for path in write_report(run, report):
             typer.echo(f"wrote {path}", err=True)

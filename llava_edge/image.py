@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from llava_edge.config import CLIP_MEAN, CLIP_STD
+from llava_edge.architectures import CLIP_MEAN, CLIP_STD
 from llava_edge.errors import ImageError, UserError
 
 

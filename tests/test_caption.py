@@ -176,7 +176,7 @@ def test_an_error_line_is_not_done_and_the_last_line_of_a_key_holds(tmp_path):
 
 
 def test_the_exit_code_says_whether_every_input_has_an_answer():
-    from llava_edge.caption.pipeline import CaptionSummary
+    from llava_edge.caption.local_run import CaptionSummary
 
     assert CaptionSummary(written=3).exit_code == 0
     assert CaptionSummary(written=3, errors=1).exit_code == 1

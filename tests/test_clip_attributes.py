@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llava_edge.config import VisionConfig
+from llava_edge.architectures import VisionConfig
 from llava_edge.train.clip_attributes import (
     ATTRIBUTE_TEXTS,
     AttributeClipConfig,
@@ -98,9 +98,9 @@ def test_saved_tower_matches_transformers_at_layer_minus_2_and_is_seeded(tmp_pat
     from safetensors.torch import load_file
     from transformers import CLIPVisionModel
 
-    from llava_edge.config import read_json, vision_config_from_dict
+    from llava_edge.architectures import read_json, vision_config_from_dict
     from llava_edge.image import load_image, preprocess
-    from llava_edge.reference.vision import VisionTransformer
+    from llava_edge.reference.clip_vision import VisionTransformer
 
     data = tmp_path / "data"
     build_dataset(data, 48, 0, seed=0, progress=False)

@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from llava_edge.config import VisionConfig
+from llava_edge.architectures import VisionConfig
 from llava_edge.train.clip_model import ClipModel, ClipTrainConfig, TextEncoderConfig, parse_caption, sincos_positions
 from llava_edge.train.shapes import build_dataset
 

@@ -12,7 +12,7 @@ from llava_edge.reference.checkpoint import load_checkpoint
 def test_demo_build_runs_end_to_end_in_miniature(tmp_path):
     """`llava-edge build-demo`'s whole chain (world, CLIP tower, LM, stage 1, stage 2, fp16 checkpoint, bundle, eval)
     at toy sizes; a second call finds every step done and only re-evaluates."""
-    from llava_edge.config import VisionConfig
+    from llava_edge.architectures import VisionConfig
     from llava_edge.train.clip_attributes import AttributeClipConfig
     from llava_edge.demo.build import DemoConfig, build_demo
     from llava_edge.train.clip_model import ClipTrainConfig, TextEncoderConfig

@@ -258,7 +258,7 @@ def test_table_delta_and_identical_share():
 
 
 def test_sweep_parsing():
-    from llava_edge.eval.config import parse_sweep
+    from llava_edge.eval.eval_config import parse_sweep
 
     assert parse_sweep(None) == [None] and parse_sweep("576, 192,64") == [576, 192, 64]
     assert parse_sweep("all,16") == [None, 16]

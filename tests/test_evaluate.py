@@ -15,8 +15,8 @@ import torch
 from llava_edge.image import load_image, preprocess
 from llava_edge.reference.checkpoint import load_checkpoint
 from llava_edge.scoring import format_table, score_answer, score_predictions, write_predictions
-from llava_edge.train import evaluate as evaluate_module
-from llava_edge.train.evaluate import answer_questions, evaluate
+from llava_edge.train import reference_answers as evaluate_module
+from llava_edge.train.reference_answers import answer_questions, evaluate
 from llava_edge.train.shapes import build_dataset
 from tiny_checkpoints import make_hf_model, save_full_clip, save_liuhaotian_layout
 

@@ -11,8 +11,8 @@ from llava_edge.export import onnx_vision
 from llava_edge.export.onnx_vision import export_vision_onnx_report, vision_parity
 from llava_edge.quant import onnx_files
 from llava_edge.quant.onnx_run import embeddings_agreement, reference_embeddings, run_onnx, run_onnx_tokens
-from llava_edge.quant import onnx_vision as quant
-from llava_edge.quant.onnx_vision import choose_precision
+from llava_edge.quant import vision_precision as quant
+from llava_edge.quant.vision_precision import choose_precision
 from llava_edge.reference.checkpoint import load_checkpoint
 from tiny_checkpoints import make_hf_model, save_full_clip, save_hf_layout, save_liuhaotian_layout
 

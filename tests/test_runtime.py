@@ -120,7 +120,7 @@ def test_demo_bundle_answers_like_the_reference(tmp_path):
     from llava_edge.eval.benchmarks import load_benchmark
     from llava_edge.eval.engine_runner import answers_of_bundle
     from llava_edge.scoring import load_test_records
-    from llava_edge.train.evaluate import answer_questions
+    from llava_edge.train.reference_answers import answer_questions
     from llava_edge.train.shapes import build_dataset
 
     build_dataset(tmp_path, 0, 24, seed=123, progress=False)

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
-from llava_edge.config import TextConfig, VisionConfig
+from llava_edge.architectures import TextConfig, VisionConfig
 from llava_edge.reference.checkpoint_writer import save_clip_vision, save_llama
 from llava_edge.reference.llama import Llama
-from llava_edge.reference.vision import VisionTransformer
+from llava_edge.reference.clip_vision import VisionTransformer
 from llava_edge.train.shapes import build_dataset
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..caption.pipeline import DEFAULT_PROMPT, CaptionConfig, run_caption
+from ..caption.local_run import DEFAULT_PROMPT, CaptionConfig, run_caption
 from .cases import demo_case, llava7b_case
 
 PARALLEL = (1, 2, 4)

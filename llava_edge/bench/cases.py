@@ -82,7 +82,7 @@ def _make_random_checkpoint(ckpt: Path, decoder_layers: int) -> None:
     (13.5 GB) checkpoint needs one tensor of anonymous memory, not the whole model."""
     import torch
 
-    from ..config import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
+    from ..architectures import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
     from ..reference.checkpoint_writer import liuhaotian_config_dict, projector_state_liuhaotian, save_clip_vision
     from ..reference.llava import Llava
 
@@ -149,7 +149,7 @@ def _vision_variants(ckpt: Path, out: Path) -> dict[str, Path]:
     if all(g.exists() for g in graphs.values()):
         return graphs
     from ..export.onnx_vision import export_vision_onnx
-    from ..quant.onnx_vision import convert_fp16, quantize_int8_dynamic
+    from ..quant.vision_precision import convert_fp16, quantize_int8_dynamic
     from ..reference.checkpoint import load_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)

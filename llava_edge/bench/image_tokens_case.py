@@ -38,7 +38,7 @@ def heldout_split(work: Path) -> Path:
 
 
 def reference_answers(test: Path, budget: int | None, limit: int | None) -> tuple[list[str], float]:
-    from ..train.evaluate import evaluate
+    from ..train.reference_answers import evaluate
 
     t0 = time.perf_counter()
     result = evaluate(DEMO_CHECKPOINT, test, limit=limit, progress=False, image_tokens=budget)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..caption.pipeline import DEFAULT_PROMPT
+from ..caption.local_run import DEFAULT_PROMPT
 from .caption_case import make_images
 from .cases import demo_case, llava7b_case
 

@@ -17,7 +17,7 @@ import warnings
 from dataclasses import dataclass
 
 from ..errors import UserError
-from .pipeline import CaptionConfig
+from .local_run import CaptionConfig
 from .ray_worker import CALLS_AT_ONCE, CaptionWorker
 
 END = "end"  # the last thing on the queue, after every row (or an exception, when the run failed)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import UserError
 from ..runtime.sampling import SamplingConfig
-from .pipeline import CaptionConfig, CaptionSummary, LineWriter, StopOnSignal, progress_bar, run_caption
+from .local_run import CaptionConfig, CaptionSummary, LineWriter, StopOnSignal, progress_bar, run_caption
 from .ray_cluster import connect, is_client_address, node_cpus, plan_workers
 from .ray_dataset import END, one_line, plan_for, rows_here, rows_through_client
 from .results import ResultFile, record_key

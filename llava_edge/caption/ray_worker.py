@@ -14,7 +14,7 @@ import socket
 from ..errors import UserError
 from ..runtime import Message, SamplingConfig
 from .feeder import END, Feeder
-from .pipeline import CaptionConfig, answer_record, open_engine
+from .local_run import CaptionConfig, answer_record, open_engine
 from .results import run_fields
 
 CALLS_AT_ONCE = 2  # batches one worker answers together: the next one's images are read while this one decodes

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import TextConfig
-from ..export.bundle import write_manifest
+from ..architectures import TextConfig
+from ..export.bundle_dir import write_manifest
 from ..export.pipeline import ExportOptions, export_bundle
 from ..paths import DEMO_BUNDLE, DEMO_CHECKPOINT
 from ..runtime.bundle import DEMO_DOMAIN
@@ -27,7 +27,7 @@ from ..reference.checkpoint import load_checkpoint
 from ..reference.checkpoint_writer import save_liuhaotian
 from ..scoring import format_table, write_predictions
 from ..train.clip_attributes import AttributeClipConfig, train_attribute_clip
-from ..train.evaluate import evaluate
+from ..train.reference_answers import evaluate
 from ..train.recipe import TrainConfig, train
 from ..train.shapes import build_dataset
 

@@ -8,10 +8,10 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import UserError
-from . import mmbench, mme, pope, seed, shapes
+from . import mmbench, mme, pope, seed, shapes_questions
 from .items import Question
 
-BENCHMARKS: dict[str, ModuleType] = {"pope": pope, "mme": mme, "mmbench": mmbench, "seed": seed, "shapes": shapes}
+BENCHMARKS: dict[str, ModuleType] = {"pope": pope, "mme": mme, "mmbench": mmbench, "seed": seed, "shapes": shapes_questions}
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
-from ..caption.pipeline import StopOnSignal, context_per_sequence
+from ..caption.local_run import StopOnSignal, context_per_sequence
 from ..errors import UserError
 from ..runtime import Engine, EngineConfig, ImageBudget, Message, Model, SamplingConfig
 from .items import Question

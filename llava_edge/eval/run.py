@@ -11,11 +11,11 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from ..caption.pipeline import StopOnSignal
+from ..caption.local_run import StopOnSignal
 from ..errors import UserError
 from ..runtime import ImageBudget, Model
 from .benchmarks import QuestionSet, load_benchmark
-from .config import EvalConfig
+from .eval_config import EvalConfig
 from .engine_runner import answer_with_engine, open_engine
 from .items import Question
 from .predictions import answers_of, compared_answers, open_predictions, record

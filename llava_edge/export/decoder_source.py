@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import (
+from ..architectures import (
     TextConfig,
     is_liuhaotian,
     is_llava_hf,

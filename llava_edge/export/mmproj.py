@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from gguf import GGUFWriter, LlamaFileType
 
-from ..config import LlavaConfig
+from ..architectures import LlavaConfig
 from ..errors import UserError
 from ..reference.llava import Llava
 

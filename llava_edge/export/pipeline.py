@@ -26,7 +26,7 @@ from ..reference.hf_cache import resolve_checkpoint
 from ..paths import CALIBRATION_DIR
 from ..quant.onnx_run import IMAGE_TOKENS_NAME, PATCHES_NAME
 from ..runtime.bundle import FORMAT_VERSION
-from .bundle import file_entry, staged_dir, write_manifest
+from .bundle_dir import file_entry, staged_dir, write_manifest
 
 QUANTS = ("Q4_K_M", "Q4_0", "Q5_K_M", "Q8_0", "F16", "F32")
 
@@ -121,7 +121,7 @@ class WrittenVision:
 def write_vision(loaded, tmp: Path, opts: ExportOptions, memory: PeakMemory, say) -> WrittenVision:
     """The vision tower and projector as ONNX at the chosen precision (and the mmproj GGUF when asked), its
     parity measured; the tower is dropped from memory after."""
-    from ..quant.onnx_vision import choose_precision
+    from ..quant.vision_precision import choose_precision
     from .onnx_vision import export_vision_onnx, parity_budgets, reduction_parity, vision_parity
 
     cfg, model = loaded.config, loaded.model

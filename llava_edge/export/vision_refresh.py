@@ -17,7 +17,7 @@ from ..errors import UserError
 from ..quant.onnx_run import embeddings_agreement, run_onnx
 from ..reference.checkpoint import load_checkpoint
 from ..runtime.bundle import read_manifest
-from .bundle import file_entry, write_manifest
+from .bundle_dir import file_entry, write_manifest
 from .pipeline import calibration_pixels, min_image_tokens, reduction_fields
 
 
@@ -26,7 +26,7 @@ def refresh_vision(bundle_dir: str | os.PathLike, ckpt: str | os.PathLike | None
     """Re-export bundle_dir's vision graph from ckpt (default: the manifest's source path, relative to the
     bundle when it is relative). Returns the new manifest; `manifest["refresh"]` compares the new graph's
     default output (every token) with the old graph's on the calibration images."""
-    from ..quant.onnx_vision import choose_precision
+    from ..quant.vision_precision import choose_precision
     from .onnx_vision import export_vision_onnx, parity_budgets, reduction_parity, vision_parity
 
     bundle_dir = Path(bundle_dir)

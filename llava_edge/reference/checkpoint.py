@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import LlavaConfig, config_from_liuhaotian, config_from_llava_hf, is_liuhaotian, is_llava_hf, read_json
+from ..architectures import LlavaConfig, config_from_liuhaotian, config_from_llava_hf, is_liuhaotian, is_llava_hf, read_json
 from ..errors import CheckpointError
 from .hf_cache import DEFAULT_CLIP, resolve_checkpoint
 from .llava import Llava

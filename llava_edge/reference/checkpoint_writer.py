@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..config import CLIP_MEAN, CLIP_STD, LlavaConfig, VisionConfig
+from ..architectures import CLIP_MEAN, CLIP_STD, LlavaConfig, VisionConfig
 from .llava import Llava
-from .vision import VisionTransformer
+from .clip_vision import VisionTransformer
 
 
 def clip_vision_config_dict(v: VisionConfig) -> dict:

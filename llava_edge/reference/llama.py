@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..config import TextConfig
+from ..architectures import TextConfig
 
 
 class RMSNorm(nn.Module):

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import LlavaConfig, ProjectorConfig
+from ..architectures import LlavaConfig, ProjectorConfig
 from .llama import KVCache, Llama
 from .token_reduction import reduce_image_tokens
-from .vision import VisionTransformer
+from .clip_vision import VisionTransformer
 
 IGNORE_INDEX = -100
 

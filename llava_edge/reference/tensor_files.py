@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import read_json
+from ..architectures import read_json
 from ..errors import CheckpointError
 
 

@@ -15,8 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import ollama_api, openai_api
-from .config import ServerConfig
-from .errors import ApiError, error_response
+from .server_config import ServerConfig
+from .api_errors import ApiError, error_response
 from .metrics import Metrics
 from .request_log import MAX_ERROR_BODY, SCOPE_KEY, RequestRecord, error_message
 

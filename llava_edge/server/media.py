@@ -16,8 +16,8 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 
-from .config import ServerConfig
-from .errors import ApiError
+from .server_config import ServerConfig
+from .api_errors import ApiError
 
 _DATA_URI = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S)
 

@@ -14,9 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..runtime import Message
-from . import generation, structured
+from . import answers, structured
 from .attached_files import strip_listing
-from .errors import ApiError
+from .api_errors import ApiError
 from .media import decode_base64
 from .parsing import parse_body, sampling_config
 from .request_log import record_of
@@ -118,7 +118,7 @@ def ignored_options(options: Options | None) -> list[str]:
 def final_stats(answer, t_start: float) -> dict:
     t = answer.timings
     eval_ns = int(1e9 * (t.n_generated - 1) / t.decode_tokens_per_s) if t.decode_tokens_per_s > 0 else 0
-    return {"done": True, "done_reason": generation.finish_reason(answer),
+    return {"done": True, "done_reason": answers.finish_reason(answer),
             "total_duration": int(1e9 * (time.perf_counter() - t_start)), "load_duration": 0,
             "prompt_eval_count": t.n_prompt_tokens, "prompt_eval_duration": int(1e6 * t.ttft_ms),
             "eval_count": t.n_generated, "eval_duration": eval_ns}
@@ -141,7 +141,7 @@ async def answer(request: Request, req: BaseRequest, messages: list[Message], wr
         running = fitted.running
     else:
         image_tokens = req.options.image_tokens if req.options else None
-        running = await generation.start(state.engine, messages, sampling, state.active, image_tokens)
+        running = await answers.start(state.engine, messages, sampling, state.active, image_tokens)
     sent = 0
 
     def logprobs() -> dict:
@@ -153,7 +153,7 @@ async def answer(request: Request, req: BaseRequest, messages: list[Message], wr
         await running.text(request.receive)
         record.answered(running.answer.timings)
         text = running.answer.text
-        final = finish(text, generation.finish_reason(running.answer)) if finish else wrap(text)
+        final = finish(text, answers.finish_reason(running.answer)) if finish else wrap(text)
         return {"model": model, "created_at": now(), **final, **logprobs(), **final_stats(running.answer, t_start)}
 
     async def lines():
@@ -169,11 +169,11 @@ async def answer(request: Request, req: BaseRequest, messages: list[Message], wr
             yield json.dumps({"error": record.error}) + "\n"
             return
         record.answered(running.answer.timings)
-        final = finish("".join(texts), generation.finish_reason(running.answer)) if finish else wrap("")
+        final = finish("".join(texts), answers.finish_reason(running.answer)) if finish else wrap("")
         yield json.dumps({"model": model, "created_at": now(), **final, **logprobs(),
                           **final_stats(running.answer, t_start)}) + "\n"
 
-    return generation.StreamedAnswer(lines(), running, "application/x-ndjson")
+    return answers.StreamedAnswer(lines(), running, "application/x-ndjson")
 
 
 def loaded(model: str, wrap, req: BaseRequest) -> dict:

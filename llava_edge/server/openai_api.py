@@ -13,8 +13,8 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..runtime import Message
-from . import generation, structured
-from .errors import ApiError, error_body
+from . import answers, structured
+from .api_errors import ApiError, error_body
 from .attached_files import strip_listing
 from .media import load_image_url
 from .parsing import parse_body, sampling_config
@@ -175,18 +175,18 @@ async def chat_completions(request: Request):
     sampling = sampling_config(state.cfg, req.max_completion_tokens or req.max_tokens or DEFAULT_MAX_TOKENS,
                                req.temperature, req.top_p, req.seed, req.stop, ignore_eos, format=fmt,
                                **logprob_settings(req))
-    running = await generation.start(state.engine, await engine_messages(req, request), sampling, state.active,
+    running = await answers.start(state.engine, await engine_messages(req, request), sampling, state.active,
                                      req.image_tokens)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.cfg.model_name
     piece = state.engine.decoder.piece
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = sse_events(running, record, rid, created, model, include_usage, piece, tool_call)
-        return generation.StreamedAnswer(events, running, "text/event-stream")
+        return answers.StreamedAnswer(events, running, "text/event-stream")
     text = await running.text(request.receive)
     answer = running.answer
     record.answered(answer.timings)
-    message, finish = reply(answer.text or text, generation.finish_reason(answer), tool_call)
+    message, finish = reply(answer.text or text, answers.finish_reason(answer), tool_call)
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": logprobs_of(running, piece, 0),
                          "finish_reason": finish}],
@@ -240,7 +240,7 @@ async def sse_events(running, record, rid: str, created: int, model: str, includ
         return
     answer = running.answer
     record.answered(answer.timings)
-    finish = generation.finish_reason(answer)
+    finish = answers.finish_reason(answer)
     if tool_call:
         message, finish = reply("".join(texts), finish, tool_call)
         calls = [{"index": 0, **c} for c in message.get("tool_calls", [])]

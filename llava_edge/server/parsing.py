@@ -10,8 +10,8 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import UserError
 from ..runtime.sampling import SamplingConfig
-from .config import ServerConfig
-from .errors import ApiError
+from .server_config import ServerConfig
+from .api_errors import ApiError
 
 Model = TypeVar("Model", bound=BaseModel)
 

@@ -12,7 +12,7 @@ import uvicorn
 from ..errors import UserError
 from ..runtime import Engine, EngineConfig, Model
 from .app import create_app
-from .config import ServerConfig
+from .server_config import ServerConfig
 
 
 class _Server(uvicorn.Server):

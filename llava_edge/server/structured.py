@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from .errors import ApiError
+from .api_errors import ApiError
 
 
 def openai_format(response_format) -> str | dict | None:

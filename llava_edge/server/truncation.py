@@ -20,13 +20,13 @@ import anyio
 
 from ..errors import UserError
 from ..runtime import Message
-from . import generation
-from .errors import ApiError
+from . import answers
+from .api_errors import ApiError
 
 
 @dataclass
 class Fitted:
-    running: generation.Running
+    running: answers.Running
     n_dropped: int = 0  # oldest messages dropped
     cut_from: int = 0  # positions of the prompt before its last message was cut (0: not cut)
 
@@ -81,5 +81,5 @@ async def start_fitting(engine, messages: list[Message], sampling, active: set, 
         fitted = await anyio.to_thread.run_sync(fit, engine, messages, sampling.max_tokens, image_tokens)
     except UserError as e:
         raise ApiError(400, str(e)) from None
-    running = await generation.start(engine, fitted.messages, sampling, active, image_tokens)
+    running = await answers.start(engine, fitted.messages, sampling, active, image_tokens)
     return Fitted(running, fitted.n_dropped, fitted.cut_from)

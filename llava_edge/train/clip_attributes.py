@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import CLIP_MEAN, CLIP_STD, VisionConfig
+from ..architectures import CLIP_MEAN, CLIP_STD, VisionConfig
 from ..reference.checkpoint_writer import save_clip_vision
 from .clip_model import ClipModel, ClipTrainConfig, TextTokenizer, load_pixels, make_optimizer, optimizer_step, parse_caption
 from .schedule import cosine_lr

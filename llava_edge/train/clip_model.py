@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import CLIP_MEAN, CLIP_STD, VisionConfig
+from ..architectures import CLIP_MEAN, CLIP_STD, VisionConfig
 from ..image import load_image, preprocess
-from ..reference.vision import VisionTransformer
+from ..reference.clip_vision import VisionTransformer
 from .shapes import COLORS, SHAPES
 
 

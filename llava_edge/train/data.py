@@ -24,7 +24,7 @@ from llava_edge.conversation import (
     tokenize_prompt,
 )
 from llava_edge.errors import UserError
-from llava_edge.config import CLIP_MEAN, CLIP_STD
+from llava_edge.architectures import CLIP_MEAN, CLIP_STD
 from llava_edge.image import load_image, preprocess
 from llava_edge.llava_json import record_problem
 

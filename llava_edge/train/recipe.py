@@ -21,7 +21,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import TextConfig
+from ..architectures import TextConfig
 from ..errors import UserError
 from ..llava_json import load_llava_json
 from ..reference.checkpoint import assemble_llava

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import VisionConfig
+from ..architectures import VisionConfig
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:

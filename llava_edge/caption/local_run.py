@@ -19,7 +19,7 @@ from ..conversation import render_messages
 from ..errors import UserError
 from ..runtime import Engine, EngineConfig, Message, Model, SamplingConfig
 from ..runtime.generation import Generation
-from .config import DEFAULT_PROMPT, VISION_BATCH, CaptionConfig  # noqa: F401  (callers import them from here)
+from .caption_config import DEFAULT_PROMPT, VISION_BATCH, CaptionConfig  # noqa: F401  (callers import them from here)
 from .feeder import END, Feeder, Item
 from .inputs import find_images
 from .results import ResultFile, done_key, run_fields

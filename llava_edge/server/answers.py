@@ -13,7 +13,7 @@ from starlette.responses import StreamingResponse
 from ..errors import ContextOverflow, UserError
 from ..runtime import EngineBusy, Message
 from ..runtime.sampling import SamplingConfig
-from .errors import ApiError
+from .api_errors import ApiError
 
 _END = object()
 

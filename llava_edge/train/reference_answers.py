@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import LlavaConfig
+from ..architectures import LlavaConfig
 from ..conversation import render_prompt, tokenize_prompt
 from ..errors import CheckpointError
 from ..image import load_image, preprocess
