@@ -34,7 +34,7 @@ def child(bundle: str | None, image: str, kv_type: str, threads: int, n_ctx: int
     from ..runtime import ChatSession, SamplingConfig
 
     with PeakMemory() as memory:
-        session = ChatSession.open(bundle, threads=threads, n_ctx=n_ctx, kv_type=kv_type)
+        session = ChatSession.open(bundle or None, threads=threads, n_ctx=n_ctx, kv_type=kv_type)
         session.set_image(image)
         answer = session.answer(QUESTION, SamplingConfig(max_tokens=n_answer, ignore_eos=n_answer > 1))
         session.close()

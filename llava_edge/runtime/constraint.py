@@ -94,21 +94,21 @@ def _depth(value) -> int:
     return deepest
 
 
-def tokenizer_of(decoder, eos_id: int):
+def tokenizer_of(tokenizer, eos_id: int):
     """llguidance's view of the GGUF's vocabulary, built by llguidance from llama.cpp's own vocab: each token's
     bytes as llama.cpp renders them, control tokens marked so that they never match text, and llama.cpp's
     tokenizer for the forced bytes."""
     from llguidance.llamacpp import lltokenizer_from_vocab
 
-    return lltokenizer_from_vocab(decoder.vocab, n_vocab=decoder.n_vocab, eos_token=eos_id)
+    return lltokenizer_from_vocab(tokenizer.vocab, n_vocab=tokenizer.n_vocab, eos_token=eos_id)
 
 
 class FormatCompiler:
     """Formats compiled against one engine's vocabulary, the most recent kept (a client sends its schema again
     and again)."""
 
-    def __init__(self, decoder, eos_id: int, keep: int = 32):
-        self.decoder, self.eos_id, self.keep = decoder, eos_id, keep
+    def __init__(self, tokenizer, eos_id: int, keep: int = 32):
+        self.vocabulary, self.eos_id, self.keep = tokenizer, eos_id, keep  # the engine's Tokenizer
         self._tokenizer = None
         self._lock = threading.Lock()
         self._compiled: OrderedDict[str, object] = OrderedDict()
@@ -117,7 +117,7 @@ class FormatCompiler:
     def tokenizer(self):
         with self._lock:  # built once (about a second for 32k tokens), on the first constrained request
             if self._tokenizer is None:
-                self._tokenizer = tokenizer_of(self.decoder, self.eos_id)
+                self._tokenizer = tokenizer_of(self.vocabulary, self.eos_id)
             return self._tokenizer
 
     def open(self, fmt) -> Constraint | None:
@@ -137,7 +137,7 @@ class FormatCompiler:
                 self._compiled[key] = matcher
                 while len(self._compiled) > self.keep:
                     self._compiled.popitem(last=False)
-        return Constraint(matcher.deep_copy(), self.decoder.n_vocab)
+        return Constraint(matcher.deep_copy(), self.vocabulary.n_vocab)
 
 
 def _compile_in_time(schema: dict, tokenizer):

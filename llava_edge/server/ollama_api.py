@@ -133,7 +133,7 @@ async def answer(request: Request, req: BaseRequest, messages: list[Message], wr
     model = tagged(state.cfg.model_name)
     sampling = sampling_of(state.cfg, req, fmt)
     record.fields_ignored(ignored_options(req.options))
-    piece = state.engine.decoder.piece
+    piece = state.engine.tokenizer.piece
     if truncate:
         image_tokens = req.options.image_tokens if req.options else None
         fitted = await start_fitting(state.engine, messages, sampling, state.active, image_tokens)

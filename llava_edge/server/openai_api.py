@@ -178,7 +178,7 @@ async def chat_completions(request: Request):
     running = await answers.start(state.engine, await engine_messages(req, request), sampling, state.active,
                                      req.image_tokens)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.cfg.model_name
-    piece = state.engine.decoder.piece
+    piece = state.engine.tokenizer.piece
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = sse_events(running, record, rid, created, model, include_usage, piece, tool_call)
