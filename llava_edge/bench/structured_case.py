@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from ..paths import DEMO_BUNDLE
-from ..runtime.bundle import default_n_ctx, open_bundle
+from ..runtime.engine_config import MAX_DEFAULT_N_CTX
 from ..runtime import Engine, EngineConfig, Message
 from ..runtime.sampling import SamplingConfig
 
@@ -88,7 +88,7 @@ class LlamaCppGrammar:
 
         m = json.loads((bundle / "manifest.json").read_text())
         handler = Llava15ChatHandler(clip_model_path=str(bundle / m["files"]["mmproj"]["name"]), verbose=False)
-        n_ctx = default_n_ctx(open_bundle(bundle, verify=False))
+        n_ctx = min(m["decoder"]["n_ctx_train"] or MAX_DEFAULT_N_CTX, MAX_DEFAULT_N_CTX)  # the engine's default
         self.llm = open_llama(bundle / m["files"]["decoder"]["name"], n_ctx=n_ctx, n_threads=threads,
                               chat_handler=handler)
         self.grammar = LlamaGrammar.from_json_schema(json.dumps(KEY_HEAVY), verbose=False)

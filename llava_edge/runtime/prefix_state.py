@@ -42,10 +42,3 @@ class PrefixStates:
             self.cache.put(self.key(prefix), blob)
         except OSError as e:  # a full or read-only disk only costs the next process a prefill
             print(f"llava-edge: could not save the image's KV to {self.cache.directory}: {e}", file=sys.stderr)
-
-
-def ggml_type_name(value: int) -> str:
-    """ggml's name for a type id (f16, q8_0, ...), as llama-cpp-python's GGML_TYPE_* constants spell it."""
-    names = [n[len("GGML_TYPE_"):].lower() for n in dir(llama_cpp) if n.startswith("GGML_TYPE_")
-             and isinstance(getattr(llama_cpp, n), int) and getattr(llama_cpp, n) == int(value)]
-    return min(names, key=len) if names else f"type{int(value)}"
