@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_edge.scoring import load_test_records, score_predictions
+from llava_edge.eval import shapes_questions
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -67,9 +67,9 @@ def answer_rows(x86: dict, arm: dict, test_json: Path) -> list[str]:
     ids, ta = arm["test"]["ids"], arm["test"]["answers"]
     by_id = dict(zip(x86["test"]["ids"], x86["test"]["answers"]))
     tx = [by_id[i] for i in ids]
-    records = load_test_records(test_json, len(ids))
-    assert [r["id"] for r in records] == ids
-    acc = {k: score_predictions(records, a).overall.accuracy for k, a in (("x86", tx), ("arm", ta))}
+    questions = shapes_questions.load(test_json)[:len(ids)]
+    assert [q.key for q in questions] == ids
+    acc = {k: shapes_questions.score(questions, dict(zip(ids, a)))["accuracy"] for k, a in (("x86", tx), ("arm", ta))}
     differ = [(i, a, b) for i, a, b in zip(ids, tx, ta) if a != b]
     rows = [f"- examples/: {len(x86['examples']) - len(ex)} of {len(x86['examples'])} answers equal "
             "(4 images x 4 questions, greedy).",

@@ -3,6 +3,7 @@
 Writes OUT_DIR/result.json (the demo's greedy answers on examples/ and on the shapes test split, versions, CPU) and
 OUT_DIR/arrays.npz (the vision graph's fp32 and int8 outputs on the export's calibration images; the Q4_K_M
 decoder's logits at every position of the export's parity sequence, its image given as the same embeddings).
+The split's answers go to OUT_DIR/test_answers.jsonl as they come, so an interrupted probe resumes where it stopped.
 
 usage: python probe.py INPUTS_DIR EXAMPLES_DIR OUT_DIR [--limit N]
 """
@@ -17,14 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_edge.eval import shapes_questions
+from llava_edge.eval.engine_runner import answer_with_engine, open_engine
 from llava_edge.onnx_session import ort_session
-from llava_edge.runtime import ChatSession, SamplingConfig
-from llava_edge.runtime.bundle import DEMO_BUNDLE, open_bundle
-from llava_edge.runtime.decoder import Decoder
-from llava_edge.runtime.evaluate import answer_with_bundle
-from llava_edge.runtime.executor import Executor, evaluate
+from llava_edge.runtime import ChatSession, Model, SamplingConfig
+from llava_edge.paths import DEMO_BUNDLE
+from llava_edge.runtime.bundle import open_bundle
+from llava_edge.runtime.executor import Executor, sequence_logits
 from llava_edge.runtime.llama_loader import open_llama
-from llava_edge.scoring import load_test_records, score_predictions
+from llava_edge.runtime.tokenizer import Tokenizer
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 QUESTIONS = ["Describe the image.", "How many shapes are there?" + SUFFIX, "What color is the triangle?" + SUFFIX,
@@ -50,10 +52,10 @@ def decoder_logits(gguf: Path, ids: np.ndarray, image: np.ndarray, image_token_i
             parts.append([i])
     n_positions = sum(len(p) for p in parts)
     llm = open_llama(gguf, n_ctx=n_positions, kv_type="f32")
-    decoder = Decoder(llm)
-    executor = Executor(llm, llm.n_batch, decoder.n_embd, decoder.n_vocab)
+    tokenizer = Tokenizer(llm)
+    executor = Executor(llm, llm.n_batch, tokenizer.n_embd, tokenizer.n_vocab)
     try:
-        return evaluate(executor, parts)
+        return sequence_logits(executor, parts)
     finally:
         executor.close()
         llm.close()
@@ -71,6 +73,35 @@ def example_answers(examples: Path) -> dict:
     return out
 
 
+def test_answers(test_dir: Path, limit: int | None, out: Path) -> tuple[list, dict[str, str]]:
+    """The demo's greedy answers (24 tokens at most) to the shapes split's first `limit` questions, through the
+    engine as `llava-edge eval shapes` asks them (4 slots); answers already in `out` are kept."""
+    questions = shapes_questions.load(test_dir)[:limit]
+    answers: dict[str, str] = {}
+    if out.exists():
+        answers = {r["key"]: r["answer"] for r in map(json.loads, out.read_text().splitlines()) if r}
+    todo = [q for q in questions if q.key not in answers]
+    print(f"probe: {len(questions) - len(todo)} of {len(questions)} split answers already in {out}", file=sys.stderr)
+    if todo:
+        model = Model.open(None)
+        engine = open_engine(model, todo, parallel=4, max_tokens=24)
+        with out.open("a") as f:
+            def keep(q, text: str, _ttft: float) -> None:
+                answers[q.key] = text
+                f.write(json.dumps({"key": q.key, "answer": text}) + "\n")
+                f.flush()
+                if len(answers) % 50 == 0:
+                    print(f"probe: {len(answers)} of {len(questions)} split answers", file=sys.stderr, flush=True)
+            try:
+                failed = answer_with_engine(engine, todo, model.image_budget(None), 24, keep)
+            finally:
+                engine.close()
+                model.close()
+        if failed:
+            raise SystemExit(f"probe: {failed} answers failed in the engine; run again to ask them again")
+    return questions, answers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("inputs", type=Path)
@@ -82,17 +113,16 @@ def main() -> None:
     inputs = np.load(a.inputs / "inputs.npz")
     image_token_id = json.loads((a.inputs / "inputs.json").read_text())["image_token_id"]
     bundle = open_bundle(DEMO_BUNDLE)
-    arrays = {
-        "vision_fp32": vision_outputs(a.inputs / "vision.fp32.onnx", inputs["calib"]),
-        "vision_int8": vision_outputs(bundle.vision_file, inputs["calib"]),
-        "logits": decoder_logits(bundle.decoder_file, inputs["parity_ids"], inputs["parity_image"], image_token_id),
-    }
-    np.savez(a.out / "arrays.npz", **arrays)
+    if not (a.out / "arrays.npz").exists():
+        arrays = {
+            "vision_fp32": vision_outputs(a.inputs / "vision.fp32.onnx", inputs["calib"]),
+            "vision_int8": vision_outputs(bundle.vision_file, inputs["calib"]),
+            "logits": decoder_logits(bundle.decoder_file, inputs["parity_ids"], inputs["parity_image"],
+                                     image_token_id),
+        }
+        np.savez(a.out / "arrays.npz", **arrays)
     print("probe: vision and decoder done", file=sys.stderr, flush=True)
-    records = load_test_records(a.inputs / "shapes" / "test.json", a.limit)
-    session = ChatSession.open(None)
-    test_answers = answer_with_bundle(session, records, a.inputs / "shapes", progress=False)
-    session.close()
+    questions, answers = test_answers(a.inputs / "shapes", a.limit, a.out / "test_answers.jsonl")
     import llama_cpp
     import onnxruntime
 
@@ -100,8 +130,8 @@ def main() -> None:
         "machine": platform.machine(), "python": platform.python_version(),
         "llama_cpp_python": llama_cpp.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
         "examples": example_answers(a.examples),
-        "test": {"ids": [r["id"] for r in records], "answers": test_answers,
-                 "accuracy": score_predictions(records, test_answers).overall.accuracy},
+        "test": {"ids": [q.key for q in questions], "answers": [answers[q.key] for q in questions],
+                 "accuracy": shapes_questions.score(questions, answers)["accuracy"]},
     }
     (a.out / "result.json").write_text(json.dumps(result, indent=1))
 
