@@ -85,6 +85,8 @@ def test_roofline_numbers_are_sane():
 def test_device_id_is_a_file_name():
     info = {"cpu": "Intel(R) Xeon(R) Platinum 8480+ CPU @ 2.0GHz", "cores": 16, "threads_used": 8, "gpus": ["NVIDIA H100"]}
     assert device.device_id(info) == "intel-xeon-platinum-8480-16c-8t-nvidia-h100"
+    # a Xeon of the same name without AMX gets its own reports
+    assert device.device_id({**info, "gpus": [], "no_amx": True}) == "intel-xeon-platinum-8480-16c-8t-no-amx"
 
 
 def test_kv_memory_case_runs_each_type_in_its_own_process():

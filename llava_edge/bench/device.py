@@ -53,13 +53,25 @@ def describe(threads: int) -> dict:
         "cpu": cpu_model(), "cores": cores, "threads_used": threads, "ram_gb": round(ram_bytes() / 2**30, 1),
         "os": f"{platform.system()} {platform.release()}", "machine": platform.machine(),
         "python": platform.python_version(), "gpus": gpu_names(), "versions": versions(),
+        "no_amx": xeon_without_amx(),
     }
     info["id"] = device_id(info)
     return info
 
 
+def xeon_without_amx() -> bool:
+    """A CPU with AVX-512 but no AMX: Xeons of one model name come with and without AMX (the CPU changes between
+    machines), and llama.cpp's speed differs between the two, so their reports must not share a name."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512f" in flags and "amx_tile" not in flags
+
+
 def device_id(info: dict) -> str:
     """A file-name-safe id: cpu model, cores, threads used (and the first GPU)."""
     cpu = re.sub(r"\(R\)|\(TM\)|CPU|@.*$|Processor", "", info["cpu"])
-    parts = [cpu, f"{info['cores']}c", f"{info['threads_used']}t"] + info["gpus"][:1]
+    parts = [cpu, f"{info['cores']}c", f"{info['threads_used']}t"] + (["no-amx"] if info.get("no_amx") else [])
+    parts += info["gpus"][:1]
     return re.sub(r"[^a-z0-9]+", "-", " ".join(parts).lower()).strip("-")

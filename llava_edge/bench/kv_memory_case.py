@@ -125,15 +125,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def amx_suffix() -> str:
-    """The device id names the CPU model only; Xeons of one name come with and without AMX (other reports)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return "" if "amx_tile" in flags or " avx512f" not in flags else "-no-amx"
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -148,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/reports"))
     a = parser.parse_args(argv)
     report = run_case(a.shape, a.rounds, a.threads, a.work)
-    name = f"kv_memory_{a.shape}-{report['device']['id']}{amx_suffix()}"
+    name = f"kv_memory_{a.shape}-{report['device']['id']}"
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{name}.json").write_text(json.dumps(report, indent=1))
     (a.out / f"{name}.md").write_text(markdown(report))

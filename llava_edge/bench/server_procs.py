@@ -76,13 +76,16 @@ def _wait_ready(server: Server, timeout: float = 300) -> Server:
     raise RuntimeError(f"{server.name} did not answer within {timeout} s")
 
 
-def start_llava_edge(cfg: ServerCaseConfig, parallel: int) -> Server:
+def start_llava_edge(cfg: ServerCaseConfig, parallel: int, source: Path | None = None,
+                     name: str = "llava-edge") -> Server:
+    """`llava-edge serve` from this checkout, or from `source` (another checkout's root, put first on the path)."""
     port = _free_port()
     log = tempfile.TemporaryFile(mode="w+")
-    cmd = [sys.executable, "-m", "llava_edge.cli", "serve", "--bundle", str(cfg.bundle), "--port", str(port),
-           "--parallel", str(parallel), "--threads", str(cfg.threads), "--n-ctx", str(cfg.n_ctx)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
-    return _wait_ready(Server("llava-edge", proc, f"http://127.0.0.1:{port}", log))
+    cmd = [sys.executable, "-m", "llava_edge.cli", "serve", "--bundle", str(Path(cfg.bundle).resolve()),
+           "--port", str(port), "--parallel", str(parallel), "--threads", str(cfg.threads), "--n-ctx", str(cfg.n_ctx)]
+    env = None if source is None else {**os.environ, "PYTHONPATH": str(source)}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=source)
+    return _wait_ready(Server(name, proc, f"http://127.0.0.1:{port}", log))
 
 
 def start_llamacpp(cfg: ServerCaseConfig) -> Server:

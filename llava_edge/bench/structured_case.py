@@ -2,7 +2,7 @@
 same length, on one engine, greedy, interleaved round by round (a script, not a timed test).
 
     python -m llava_edge.bench.structured_case [--case demo|llava7b] [--layers 32] [--rounds 3] [--threads 2]
-                                               [--work runs/structured]
+                                               [--work runs/bench] [--out bench/reports]
 
 Paths, each timed on the decode after the first token (its prefill is reused from the KV):
   keys          a key-heavy schema (long property names, enums, small integers), forced tokens decoded together
@@ -11,8 +11,8 @@ Paths, each timed on the decode after the first token (its prefill is reused fro
   string        a schema with one free string field
   free_string   no format, as many tokens as `string` gave
   llamacpp_keys llama-cpp-python's grammar path: LlamaGrammar.from_json_schema with Llava15ChatHandler
-The report (<work>/structured-<case>.json) holds each path's median seconds per token and the ratios
-keys/free_keys (target <= 0.6), string/free_string (target <= 1.05) and llamacpp_keys/free_keys.
+The report (<out>/structured_<case>-<device>.json and .md) holds each path's median seconds per token and the
+ratios keys/free_keys (target <= 0.6), string/free_string (target <= 1.05) and llamacpp_keys/free_keys.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from ..paths import DEMO_BUNDLE
+from .device import describe
 from ..runtime.engine_config import MAX_DEFAULT_N_CTX
 from ..runtime import Engine, EngineConfig, Message
 from ..runtime.sampling import SamplingConfig
@@ -43,7 +44,7 @@ KEY_HEAVY = {"type": "object", "properties": {
 ONE_STRING = {"type": "object", "properties": {"description": {"type": "string", "maxLength": 120}},
               "required": ["description"], "additionalProperties": False}
 QUESTION = "Describe the image as JSON."
-MAX_TOKENS = 96
+MAX_TOKENS = 192  # room for the whole key-heavy object (about 90 tokens in Vicuna's vocabulary)
 
 
 def seconds_per_token(answer) -> float:
@@ -130,6 +131,29 @@ def run(bundle: Path, image: Path, rounds: int, threads: int, with_llamacpp: boo
             "targets": {"keys_vs_free": 0.6, "string_vs_free": 1.05}}
 
 
+def markdown(report: dict) -> str:
+    d, med, r = report["device"], report["seconds_per_token"], report["ratios"]
+    lines = [f"# Structured answers: seconds per output token ({report['case']}, {d['cpu']}, {d['cores']} cores)", "",
+             f"{report['description']}; greedy; {report['threads']} threads; {report['rounds']} rounds, the paths "
+             f"interleaved in each, medians. Each answer's time is its decode after the first token (the image and "
+             f"prompt come from the KV, but llama-cpp-python's, which encodes the image again and is timed from its "
+             f"first token too). Tokens per answer: key-heavy {report['tokens'].get('keys')}, one string "
+             f"{report['tokens'].get('string')}.", "",
+             "| path | s / token | vs its free answer |", "|---|---:|---:|"]
+    label = {"keys": "key-heavy schema, forced tokens together", "keys_single": "key-heavy schema, one token per decode",
+             "free_keys": "free answer, as long as key-heavy", "string": "one free string field",
+             "free_string": "free answer, as long as the string one",
+             "llamacpp_keys": "key-heavy schema, llama-cpp-python grammar (LlamaGrammar + Llava15ChatHandler)"}
+    vs = {"keys": "keys_vs_free", "keys_single": "keys_single_vs_free", "string": "string_vs_free",
+          "llamacpp_keys": "llamacpp_keys_vs_free"}
+    for path, value in med.items():
+        ratio = f"{r[vs[path]]:.3f}x" if path in vs else ""
+        lines.append(f"| {label[path]} | {value:.4f} | {ratio} |")
+    lines += ["", f"Targets: key-heavy <= {report['targets']['keys_vs_free']}x, one string <= "
+              f"{report['targets']['string_vs_free']}x of a free answer's seconds per token."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--case", choices=["demo", "llava7b"], default="demo")
@@ -137,21 +161,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-llamacpp", action="store_true", help="skip llama-cpp-python's grammar path")
-    ap.add_argument("--work", type=Path, default=Path("runs/structured"))
+    ap.add_argument("--work", type=Path, default=Path("runs/bench"), help="llava7b: where its bundle is built")
+    ap.add_argument("--out", type=Path, default=Path("bench/reports"))
     args = ap.parse_args(argv)
     if args.case == "demo":
         bundle, image = DEMO_BUNDLE, Path(__file__).parents[2] / "examples" / "red_circle_blue_triangle.png"
+        description = "The demo bundle"
     else:
         from .cases import llava7b_case
 
         case = llava7b_case(args.work, args.layers, args.threads, all_precisions=False)
-        bundle, image = case.bundle, case.image
-    report = {"case": args.case, **run(bundle, image, args.rounds, args.threads, not args.no_llamacpp)}
-    args.work.mkdir(parents=True, exist_ok=True)
-    out = args.work / f"structured-{args.case}.json"
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps({"ratios": report["ratios"], "seconds_per_token": report["seconds_per_token"]}, indent=2))
-    print(f"written to {out}")
+        bundle, image, description = case.bundle, case.image, case.description
+    report = {"case": args.case, "description": description, "threads": args.threads, "rounds": args.rounds,
+              "device": describe(args.threads),
+              **run(bundle, image, args.rounds, args.threads, not args.no_llamacpp)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"structured_{args.case}-{report['device']['id']}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"written to {stem}.md")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def construct_llama(
     """A `Llama` with explicit extra-buffer-type choice; ubatch = batch, so one decode call of up to
     n_batch positions (tokens or embeddings) is a single graph. n_ctx is the whole context: with
     n_seq_max > 1 each sequence holds n_ctx / n_seq_max positions. kv_type: a ggml type for K and V (None:
-    llama.cpp's default, f16)."""
+    llama.cpp's default, f16); a `type_v` in llama_kwargs gives V its own (experiments only)."""
+    type_v = llama_kwargs.pop("type_v", kv_type)
     with _native_params(extra_bufts, n_seq_max):
         return llama_cpp.Llama(
             model_path=str(gguf_path),
@@ -73,7 +74,7 @@ def construct_llama(
             n_threads_batch=n_threads,
             logits_all=logits_all,
             type_k=kv_type,
-            type_v=kv_type,
+            type_v=type_v,
             seed=seed,
             verbose=verbose,
             **llama_kwargs,
