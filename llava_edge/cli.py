@@ -13,7 +13,7 @@ from .errors import UserError
 from .extras import require_extra, require_heavy
 from .caption.caption_config import VISION_BATCH, CaptionConfig
 from .eval.eval_config import EvalConfig
-from .runtime.engine_config import DEFAULT_DEVICE, MAX_DEFAULT_N_CTX, EngineConfig
+from .runtime.engine_config import DEFAULT_DEVICE, DEVICE_HELP, MAX_DEFAULT_N_CTX, EngineConfig
 from .runtime.kv_type import KV_TYPE_HELP
 from .runtime.sampling import SamplingConfig
 from .server.server_config import ServerConfig
@@ -114,7 +114,7 @@ def chat(
                                                        "without it, one JSON line per question read from stdin"),
     image_tokens: Optional[int] = typer.Option(default(EngineConfig, "image_tokens"), help=IMAGE_TOKENS_HELP),
     answer_format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP),
-    device: str = typer.Option(DEFAULT_DEVICE, help="vision on auto|cpu|cuda|tensorrt"),
+    device: str = typer.Option(DEFAULT_DEVICE, help=DEVICE_HELP),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
     n_ctx: Optional[int] = typer.Option(None, help=f"context length (default: the model's, at most "
                                                   f"{MAX_DEFAULT_N_CTX}; more is cut to the model's trained context)"),
@@ -157,7 +157,7 @@ def caption(
     recursive: bool = typer.Option(default(CaptionConfig, "recursive"),
                                    help="also the images in subfolders of the folders given"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all)"),
-    device: str = typer.Option(default(CaptionConfig, "device"), help="vision on auto|cpu|cuda|tensorrt"),
+    device: str = typer.Option(default(CaptionConfig, "device"), help=DEVICE_HELP),
     vision_batch: Optional[int] = typer.Option(None, help=f"images per vision run (default {VISION_BATCH}; 1 for int8 "
                                                           "graphs, whose batch mates would change an image's embeddings)"),
     image_tokens: Optional[int] = typer.Option(default(CaptionConfig, "image_tokens"), help=IMAGE_TOKENS_HELP),
@@ -254,7 +254,8 @@ def eval_(
     report: Optional[str] = typer.Option(None, help="write a markdown report (and a PNG when K is swept) here"),
     max_tokens: int = typer.Option(default(EvalConfig, "max_tokens"), help="most tokens per answer"),
     threads: Optional[int] = typer.Option(None, help="CPU threads"),
-    device: str = typer.Option(DEFAULT_DEVICE, help="vision on auto|cpu|cuda|tensorrt"),
+    device: str = typer.Option(DEFAULT_DEVICE, help=DEVICE_HELP),
+    kv_type: str = typer.Option(default(EvalConfig, "kv_type"), help=KV_TYPE_HELP),
     vision_tower: Optional[str] = typer.Option(None, help="CLIP vision dir for liuhaotian checkpoints"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     all_metrics: bool = typer.Option(False, "--all-metrics", help="every metric, not only the paper's"),
@@ -266,7 +267,7 @@ def eval_(
     from .eval.table import as_json as table_json, markdown_table, rows_of
 
     cfg = EvalConfig(benchmark, data, bundle, ckpt, compare, parse_sweep(image_tokens), parallel, limit, predictions,
-                     max_tokens, threads, device)
+                     max_tokens, threads, device, kv_type=kv_type)
     reference = None
     if ckpt is not None:
         require_heavy("eval --ckpt", ("train",))
@@ -356,7 +357,7 @@ def serve(
     image_tokens: Optional[int] = typer.Option(
         default(EngineConfig, "image_tokens"),
         help=IMAGE_TOKENS_HELP + "; a request's image_tokens (OpenAI) or options.image_tokens (Ollama) wins"),
-    device: str = typer.Option(DEFAULT_DEVICE, help="vision on auto|cpu|cuda|tensorrt"),
+    device: str = typer.Option(DEFAULT_DEVICE, help=DEVICE_HELP),
     kv_cache_dir: Optional[Path] = typer.Option(
         None, help="keep the KV of each image prompt here: a restarted server skips the prefill of images it saw"),
     kv_type: str = typer.Option(default(EngineConfig, "kv_type"), help=KV_TYPE_HELP),

@@ -118,6 +118,31 @@ def test_sigkill_mid_run_then_resume(many, tmp_path):
     assert read_lines(out)[: len(before)] == before  # what was done stays as it was
 
 
+@pytest.mark.slow
+def test_sigkill_mid_run_with_a_format_then_resume(many, tmp_path):
+    """caption --format: killed mid-run, then resumed; every image once, every answer valid JSON of the schema."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"shape": {"enum": ["circle", "square", "triangle"]},
+                                               "count": {"type": "integer", "minimum": 1, "maximum": 3}},
+              "required": ["shape", "count"], "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    out = tmp_path / "killed.jsonl"
+    args = ("--out", out, "--parallel", "2", "--format", tmp_path / "schema.json")
+    proc = subprocess.Popen(caption_cmd(many, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(proc, out, 3, signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    before = read_lines(out)
+    assert 3 <= len(before) < 40, "the kill did not land mid-run"
+    again = caption(many, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(before)} already there" in again.stderr
+    for line in assert_each_once(out, many):
+        assert line["parsed"] == json.loads(line["answer"])
+        jsonschema.validate(line["parsed"], schema)
+    assert read_lines(out)[: len(before)] == before
+
+
 def test_ctrl_c_finishes_cleanly_with_130_then_resume(many, tmp_path):
     out = tmp_path / "interrupted.jsonl"
     proc = subprocess.Popen(caption_cmd(many, "--out", out, "--parallel", "2"), cwd=ROOT,

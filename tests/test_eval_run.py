@@ -118,3 +118,17 @@ def test_ctrl_c_stops_with_130_and_the_rerun_finishes(pope_dir, whole_run, tmp_p
     again = run_eval("pope", pope_dir, "--bundle", DEMO / "bundle", "--predictions", out, "--json")
     assert again.returncode == 0, again.stderr[-3000:]
     assert sorted(r["question_id"] for r in lines_of(out)) == sorted(r["question_id"] for r in lines_of(whole_run[1]))
+
+
+def test_another_kv_type_answers_again_into_the_same_predictions(pope_dir, whole_run, tmp_path):
+    """A q8_0 KV is its own model in the predictions: a rerun with it answers every question again (it never takes
+    the f16 answers as its own), and a bad type is one line, exit 2."""
+    out = tmp_path / "p.jsonl"
+    out.write_bytes(whole_run[1].read_bytes())
+    proc = run_eval("pope", pope_dir, "--bundle", DEMO / "bundle", "--parallel", "4", "--predictions", out,
+                    "--kv-type", "q8_0", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = lines_of(out)
+    assert len(lines) == 96 and len({line["model"] for line in lines}) == 2
+    bad = run_eval("pope", pope_dir, "--bundle", DEMO / "bundle", "--kv-type", "q5_1")
+    assert bad.returncode == 2 and "kv-type must be one of" in bad.stderr and "Traceback" not in bad.stderr

@@ -119,3 +119,22 @@ def test_context_length_is_checked_by_the_model(n_ctx, message):
             model.context_length(n_ctx)
     finally:
         model.close()
+
+
+def test_the_device_choice_places_the_decoder_and_a_gpu_it_cannot_serve_is_one_note(capsys):
+    import llama_cpp
+
+    from llava_edge.runtime import Model
+    from llava_edge.runtime.llama_loader import decoder_gpu_layers
+
+    assert decoder_gpu_layers("cpu", gpu_offload=True) == 0
+    assert decoder_gpu_layers("auto", gpu_offload=True) == -1 and decoder_gpu_layers("cuda", gpu_offload=True) == -1
+    assert decoder_gpu_layers("auto", gpu_offload=False) == 0 and capsys.readouterr().err == ""
+    assert decoder_gpu_layers("tensorrt", gpu_offload=False) == 0
+    assert decoder_gpu_layers("tensorrt", gpu_offload=False) == 0
+    assert capsys.readouterr().err.count("built without GPU offload") == 1  # once per process
+    model = Model.open(None, device="auto")
+    try:
+        assert model.gpu_layers == (-1 if llama_cpp.llama_supports_gpu_offload() else 0)
+    finally:
+        model.close()

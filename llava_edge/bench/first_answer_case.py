@@ -85,14 +85,14 @@ class Handler:
     def __init__(self, bundle: Path, threads: int, log: Path):
         from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-        from ..runtime.llama_loader import open_llama
+        from ..runtime.llama_loader import decoder_gpu_layers, open_llama
 
         m = json.loads((bundle / "manifest.json").read_text())
         self.log = log
         with native_output_to(log):
             handler = Llava15ChatHandler(clip_model_path=str(bundle / m["files"]["mmproj"]["name"]), verbose=False)
             self.llm = open_llama(bundle / m["files"]["decoder"]["name"], n_ctx=2048, n_threads=threads,
-                                  chat_handler=handler)
+                                  chat_handler=handler, n_gpu_layers=decoder_gpu_layers("auto"))  # as llava-edge's
 
     def run(self, image: bytes) -> dict:
         url = "data:image/png;base64," + base64.b64encode(image).decode()

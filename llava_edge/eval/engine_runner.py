@@ -13,11 +13,12 @@ from ..runtime import Engine, EngineConfig, ImageBudget, Message, Model, Samplin
 from .items import Question
 
 
-def open_engine(model: Model, questions: list[Question], parallel: int, max_tokens: int) -> Engine:
+def open_engine(model: Model, questions: list[Question], parallel: int, max_tokens: int,
+                kv_type: str = "f16") -> Engine:
     """An engine whose contexts fit the longest prompt of the set (each request names its image budget)."""
     longest = max((q.prompt for q in questions), key=lambda p: len(p.encode()))
     return Engine(model, EngineConfig(parallel=parallel, n_ctx=context_per_sequence(model, longest, max_tokens),
-                                      queue=2 * parallel))
+                                      queue=2 * parallel, kv_type=kv_type))
 
 
 def answer_with_engine(engine: Engine, questions: list[Question], budget: ImageBudget | None, max_tokens: int,

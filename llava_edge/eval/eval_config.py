@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UserError
+from ..runtime.kv_type import check_kv_type
 
 
 @dataclass
@@ -22,6 +23,7 @@ class EvalConfig:
     threads: int | None = None
     device: str = "auto"
     progress: bool = True
+    kv_type: str = "f16"  # the bundle's KV cache type (runtime/kv_type.py)
 
     def __post_init__(self):
         if self.bundle is None and self.ckpt is None:
@@ -30,6 +32,7 @@ class EvalConfig:
             raise UserError("--compare takes the reference's answers from a file: leave out --ckpt")
         if self.compare is not None and self.bundle is None:
             raise UserError("--compare sets a bundle beside earlier answers: pass --bundle too")
+        check_kv_type(self.kv_type)
         for name in ("parallel", "max_tokens", "threads"):
             value = getattr(self, name)
             if value is not None and value < 1:

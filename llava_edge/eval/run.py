@@ -43,12 +43,13 @@ class EvalRun:
     failed: int = 0
 
 
-def bundle_model(opened: Model, sweep: list[int | None]) -> tuple[str, list[ImageBudget]]:
-    """A bundle's name in the predictions file (its graph and decoder hashes), and the sweep checked against it (K
-    equal to the image's token count is every token, as None)."""
+def bundle_model(opened: Model, sweep: list[int | None], kv_type: str = "f16") -> tuple[str, list[ImageBudget]]:
+    """A bundle's name in the predictions file (its graph and decoder hashes, and a KV type other than f16), and
+    the sweep checked against it (K equal to the image's token count is every token, as None)."""
     files = opened.bundle.manifest["files"]
     budgets = list(dict.fromkeys(opened.image_budget(k) for k in sweep))
-    return f"bundle:{files['vision']['sha256'][:12]}-{files['decoder']['sha256'][:12]}", budgets
+    kv = "" if kv_type == "f16" else f"-kv_{kv_type}"
+    return f"bundle:{files['vision']['sha256'][:12]}-{files['decoder']['sha256'][:12]}{kv}", budgets
 
 
 def reference_model(ckpt: str) -> str:
@@ -127,13 +128,14 @@ def run_bundle(cfg: EvalConfig, qset: QuestionSet, results, run: EvalRun, stop: 
     opened = Model.open(cfg.bundle, device=cfg.device, threads=cfg.threads)
     engine = None
     try:
-        model, budgets = bundle_model(opened, cfg.image_tokens)
+        model, budgets = bundle_model(opened, cfg.image_tokens, cfg.kv_type)
         for budget in budgets:
             k = budget.graph_tokens  # None: every token
             have = answers_of(results, qset.benchmark, model, k)
             todo = [q for q in qset.questions if q.key not in have]
             if todo and not stop.requested:
-                engine = engine or open_engine(opened, qset.questions, cfg.parallel, cfg.max_tokens)
+                engine = engine or open_engine(opened, qset.questions, cfg.parallel, cfg.max_tokens,
+                                              cfg.kv_type)
                 bar = _bar(cfg, f"{qset.benchmark} bundle K={budget.n_tokens}", len(qset.questions),
                            len(qset.questions) - len(todo))
                 try:

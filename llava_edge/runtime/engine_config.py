@@ -11,7 +11,9 @@ from ..errors import UserError
 from .kv_type import DEFAULT_KV_TYPE, check_kv_type
 
 # Defaults of what Model.open takes, here so that the CLI reads them without loading the runtime
-DEFAULT_DEVICE = "auto"  # vision on ONNX Runtime: auto|cpu|cuda|tensorrt
+DEFAULT_DEVICE = "auto"  # vision on ONNX Runtime, the decoder on llama.cpp: auto|cpu|cuda|tensorrt
+DEVICE_HELP = ("auto|cpu|cuda|tensorrt: vision on ONNX Runtime's GPU providers, and the decoder on the GPU where "
+               "llama.cpp was built for one")
 MAX_DEFAULT_N_CTX = 4096  # N sequences of a longer trained context would cost N times its KV cache for nothing
 
 

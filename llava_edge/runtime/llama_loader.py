@@ -7,6 +7,7 @@ with SIGILL in those kernels. No torch here.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import llama_cpp
@@ -15,6 +16,26 @@ from ..errors import UserError
 from .llama_construct import construct_llama
 from .kv_type import check_kv_type, needs_flash_attn
 from .llama_probe import extra_bufts_verdict
+
+_warned: set[str] = set()
+
+
+def decoder_gpu_layers(device: str, gpu_offload: bool | None = None) -> int:
+    """Decoder layers llama.cpp puts on the GPU for a device choice: all of them (-1) where this llama.cpp build
+    offloads (a CUDA, Metal or Vulkan build) and the device is not "cpu", else none. An explicit GPU choice that
+    this build cannot serve runs on the CPU with one note on stderr (once per process), as vision does."""
+    if gpu_offload is None:
+        gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+    if device == "cpu":
+        return 0
+    if gpu_offload:
+        return -1
+    if device in ("cuda", "tensorrt") and device not in _warned:
+        _warned.add(device)
+        print(f"llava-edge: llama-cpp-python here was built without GPU offload; the decoder runs on the CPU "
+              f"(rebuild it with CMAKE_ARGS=\"-DGGML_CUDA=on\" for {device})", file=sys.stderr)
+    return 0
+
 
 def open_llama(
     gguf_path: str | os.PathLike,
@@ -28,6 +49,7 @@ def open_llama(
     verbose: bool = False,
     n_seq_max: int = 1,
     flash_attn: bool | None = None,
+    n_gpu_layers: int = 0,
     **llama_kwargs,
 ) -> llama_cpp.Llama:
     """Load a GGUF decoder; llama_kwargs go to `Llama` (e.g. a chat_handler). `extra_bufts=None` asks the
@@ -51,7 +73,7 @@ def open_llama(
     try:
         return construct_llama(
             path, extra_bufts, n_ctx, min(n_batch, n_ctx), threads, ggml_kv_type, logits_all, seed, verbose,
-            n_seq_max, flash_attn=flash_attn, **llama_kwargs,
+            n_seq_max, flash_attn=flash_attn, n_gpu_layers=n_gpu_layers, **llama_kwargs,
         )
     except ValueError as e:  # llama-cpp-python's "Failed to load model from file" / "... create llama_context"
         raise UserError(f"{path}: llama.cpp could not load it with a {kv_type} KV cache ({e})") from None

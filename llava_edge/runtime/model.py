@@ -19,15 +19,16 @@ from ..paths import DEMO_BUNDLE
 from .bundle import DEMO_DOMAIN, Bundle, open_bundle
 from .engine_config import DEFAULT_DEVICE, MAX_DEFAULT_N_CTX
 from .image_budget import ImageBudget
-from .llama_loader import open_llama
+from .llama_loader import decoder_gpu_layers, open_llama
 from .token_embeddings import TokenEmbeddings
 from .vision import EmbeddingCache, VisionEncoder
 
 
 
 class Model:
-    def __init__(self, bundle: Bundle, vision: VisionEncoder, threads: int | None = None):
+    def __init__(self, bundle: Bundle, vision: VisionEncoder, threads: int | None = None, gpu_layers: int = 0):
         self.bundle, self.vision, self.threads = bundle, vision, threads
+        self.gpu_layers = gpu_layers  # decoder layers on the GPU (-1: all)
         # the token-embedding table, when its rows can be made exactly as llama.cpp makes them (None otherwise)
         self.token_rows = TokenEmbeddings.open(bundle.decoder_file)
         self._decoders: list[llama_cpp.Llama] = []
@@ -35,13 +36,14 @@ class Model:
     @classmethod
     def open(cls, bundle_dir: str | os.PathLike | None = None, device: str = DEFAULT_DEVICE, threads: int | None = None,
              verify: bool = True, image_cache_dir: str | os.PathLike | None = None) -> Model:
-        """Open a bundle (default: the demo bundle in the package). Vision runs on `device`; `threads` CPU threads
-        for vision and decoding (default: all); image embeddings are also kept as .npy files in image_cache_dir."""
+        """Open a bundle (default: the demo bundle in the package). Vision runs on `device`, and so does the decoder
+        where llama.cpp was built for a GPU; `threads` CPU threads for vision and decoding (default: all); image
+        embeddings are also kept as .npy files in image_cache_dir."""
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise UserError(f"threads must be a whole number of at least 1 (got {threads!r})")
         bundle = open_bundle(DEMO_BUNDLE if bundle_dir is None else bundle_dir, verify=verify)
         vision = VisionEncoder(bundle, device, threads, EmbeddingCache(disk_dir=image_cache_dir))
-        return cls(bundle, vision, threads)
+        return cls(bundle, vision, threads, decoder_gpu_layers(device))
 
     @property
     def is_demo(self) -> bool:
@@ -93,7 +95,7 @@ class Model:
     def open_decoder(self, n_ctx: int, n_seq: int, n_batch: int, kv_type: str) -> llama_cpp.Llama:
         """A llama.cpp context of n_seq sequences over n_ctx positions in all, owned by this model."""
         llm = open_llama(self.bundle.decoder_file, n_ctx=n_ctx, n_threads=self.threads, n_batch=n_batch,
-                         kv_type=kv_type, n_seq_max=n_seq)
+                         kv_type=kv_type, n_seq_max=n_seq, n_gpu_layers=self.gpu_layers)
         self._decoders.append(llm)
         return llm
 
