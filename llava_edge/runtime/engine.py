@@ -69,6 +69,7 @@ class Engine:
             if config.kv_cache_dir else None
         self.formats = FormatCompiler(self.tokenizer, self.bundle.eos_id)  # the answer formats (JSON schemas), compiled
         self.image_cache_hits = 0
+        self.answer_tokens = 0  # answer tokens drawn or forced, every request's, finished or not
         self.step_cost = StepCost()  # measured decode times, for the step budget
         self._step_lock = threading.Lock()  # one stepper at a time: llama.cpp's context is not thread-safe
         self._wakeup = threading.Condition()
@@ -341,6 +342,8 @@ class Engine:
             self.scheduler.feed(slot, tokens)
 
     def _release(self, slot: Slot, reason: str) -> None:
+        if slot.job is not None:  # counted before the slot shows free
+            self.answer_tokens += slot.job.owner.timings.n_generated
         job = self.scheduler.release(slot)
         if job is not None:
             gen = job.owner
@@ -359,7 +362,7 @@ class Engine:
     # ------------------------------------------------------------------ state
 
     def stats(self) -> dict:
-        return {**self.scheduler.counts(), "image_cache_hits": self.image_cache_hits,
+        return {**self.scheduler.counts(), "image_cache_hits": self.image_cache_hits, "answer_tokens": self.answer_tokens,
                 "image_cache_entries": len(self.vision.cache)}
 
     def close(self) -> None:

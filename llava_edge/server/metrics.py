@@ -22,6 +22,8 @@ class EngineCollector:
         yield GaugeMetricFamily("llava_edge_queue_depth", "requests waiting for a slot", stats.get("queued", 0))
         yield CounterMetricFamily("llava_edge_image_cache_hits", "image embeddings taken from the cache",
                                   stats.get("image_cache_hits", 0))
+        yield CounterMetricFamily("llava_edge_answer_tokens", "answer tokens the engine made, a cancelled answer's "
+                                  "included", stats.get("answer_tokens", 0))
 
 
 class Metrics:
