@@ -60,6 +60,10 @@ def decoder_rows(x86: np.ndarray, arm: np.ndarray) -> list[str]:
     ]
 
 
+def _which(n: int, total: int) -> str:
+    return f"all {total} questions" if n == total else f"the first {n} of its {total} questions"
+
+
 def answer_rows(x86: dict, arm: dict, test_json: Path) -> list[str]:
     """The arm side may have answered the first N questions of the split only (emulation is slow): both sides
     are compared and scored on the questions the arm side answered."""
@@ -73,7 +77,7 @@ def answer_rows(x86: dict, arm: dict, test_json: Path) -> list[str]:
     differ = [(i, a, b) for i, a, b in zip(ids, tx, ta) if a != b]
     rows = [f"- examples/: {len(x86['examples']) - len(ex)} of {len(x86['examples'])} answers equal "
             "(4 images x 4 questions, greedy).",
-            f"- shapes test split (seed 0, the first {len(ids)} of its {len(x86['test']['ids'])} questions): "
+            f"- shapes test split (seed 0, {_which(len(ids), len(x86['test']['ids']))}): "
             f"{len(ids) - len(differ)} of {len(ids)} answers equal; accuracy on them x86 {acc['x86']:.4f}, "
             f"aarch64 {acc['arm']:.4f} (x86 on the whole split: {x86['test']['accuracy']:.4f})."]
     for k in ex:
